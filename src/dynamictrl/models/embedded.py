@@ -1,0 +1,152 @@
+"""The embedded default model: a tiny, seeded DynamiCtrl pipeline in the real diffusers layout.
+
+Built on first use under `data/embedded/` and then loaded by `DynamiCtrlPipeline.from_pretrained`,
+the same code that loads real weights. Its parts:
+
+- a CogVideoX VAE (3 levels: 4x space, 4x time, 16 latent channels), fitted for a short
+  reconstruction training on synthetic clips, because a random VAE decodes everything to noise;
+- a random T5 encoder with a word-level T5 tokenizer built offline (different captions give
+  different embeddings; nothing about language is learnt);
+- a random DynamiCtrl transformer in the CogVideoX 1.5 layout (temporal patches, ofs, RoPE);
+- the CogVideoX DPM scheduler with CogVideoX 1.5's settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import string
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler
+from tqdm.auto import tqdm
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+from dynamictrl.models.pipeline import DynamiCtrlPipeline
+from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
+
+VERSION = "tiny-v1"
+HEIGHT, WIDTH, NUM_FRAMES = 96, 64, 9
+
+TRANSFORMER = dict(
+    num_attention_heads=4, attention_head_dim=16, in_channels=32, out_channels=16, time_embed_dim=64,
+    ofs_embed_dim=64, text_embed_dim=32, num_layers=4, sample_height=HEIGHT // 4, sample_width=WIDTH // 4,
+    sample_frames=NUM_FRAMES, patch_size=2, patch_size_t=2, max_text_seq_length=64,
+    use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False, patch_bias=False,
+)  # fmt: skip
+VAE = dict(
+    block_out_channels=(16, 16, 32), latent_channels=16, layers_per_block=1, norm_num_groups=4,
+    down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
+    temporal_compression_ratio=4, sample_height=HEIGHT, sample_width=WIDTH, invert_scale_latents=False,
+)  # fmt: skip
+T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+          dropout_rate=0.0, feed_forward_proj="gated-gelu")  # fmt: skip
+SCHEDULER = dict(
+    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+    prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=1.0,
+    timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+)  # fmt: skip
+
+_WORDS = """the a an of and with in on is are wearing person image shirt trousers shoes hair background
+pattern patterns stripes diagonal checkerboard polka dots wavy bands red blue green yellow purple orange
+white black pink teal brown grey gray blond dark light man woman girl boy dress skirt jacket hoodie coat
+top t-shirt jeans pants standing dancing indoor outdoor room wall floor street park beach sky city
+appears to be setting there their they it this that color colour long short""".split()
+
+
+def default_path() -> Path:
+    """Where the embedded model lives: $DYNAMICTRL_DATA or ./data, then embedded/<version>."""
+    return Path(os.environ.get("DYNAMICTRL_DATA", "data")) / "embedded" / VERSION
+
+
+def build_tokenizer() -> T5Tokenizer:
+    """A T5 (unigram) tokenizer over whole caption words plus single characters, so any text encodes."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    words = sorted(set(_WORDS) | {w.capitalize() for w in _WORDS})
+    vocab += [("▁" + w, -2.0) for w in words]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab += [(c, -8.0) for c in chars] + [("▁" + c, -9.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bool = True) -> dict:
+    """Short reconstruction training on synthetic clips: L1 on single frames and 9-frame clips.
+
+    Returns statistics of the fit (held-out PSNR, latent std); sets `scaling_factor` so that latents
+    have unit standard deviation, as CogVideoX's does for real video.
+    """
+    from dynamictrl.data.synthetic import make_video
+
+    g = torch.Generator().manual_seed(seed)
+    clips = np.stack([make_video(10_000 + seed * 1000 + i, NUM_FRAMES, HEIGHT, WIDTH, 8.0)["frames"]
+                      for i in range(28)])  # fmt: skip
+    data = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (N, 3, T, H, W)
+    train, held_out = data[:24], data[24:]
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1))))
+    vae.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="fitting the tiny VAE", disable=not progress)
+    for step in bar:
+        if step % 2 == 0:  # a batch of single frames
+            idx = torch.randint(0, len(train), (8,), generator=g)
+            t = torch.randint(0, NUM_FRAMES, (1,), generator=g).item()
+            x = train[idx][:, :, t : t + 1]
+        else:  # a batch of whole clips, for the temporal layers
+            x = train[torch.randint(0, len(train), (2,), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.mode()).sample
+        loss = (rec - x).abs().mean() + 1e-7 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(l1=f"{loss.item():.3f}")
+    vae.eval()
+    with torch.no_grad():
+        z = vae.encode(held_out).latent_dist.mode()
+        rec = vae.decode(z).sample.clamp(-1, 1)
+        mse = ((rec - held_out) / 2).pow(2).mean().item()
+    std = float(z.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return {"steps": steps, "held_out_psnr": 10 * math.log10(1 / mse), "latent_std": std,
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def build(path: str | Path, vae_steps: int = 400, seed: int = 0, progress: bool = True) -> Path:
+    """Build the embedded pipeline into `path` (atomically: a temporary folder, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5)).eval()
+    transformer = DynamiCtrlTransformer3DModel(**TRANSFORMER)
+    vae = AutoencoderKLCogVideoX(**VAE)
+    stats = fit_vae(vae, vae_steps, seed, progress)
+    scheduler = CogVideoXDPMScheduler(**SCHEDULER)
+    pipe = DynamiCtrlPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                              transformer=transformer, scheduler=scheduler)  # fmt: skip
+    pipe.save_pretrained(tmp)
+    (tmp / "BUILD.json").write_text(json.dumps({"version": VERSION, "seed": seed, "vae_fit": stats}, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first; theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def ensure(path: str | Path | None = None, vae_steps: int = 400, progress: bool = True) -> Path:
+    """The embedded model's folder, built first if it is not there yet."""
+    path = Path(path) if path else default_path()
+    if not (path / "model_index.json").is_file():
+        print(f"Building the embedded tiny model in {path} (once; about 3 minutes on 2 CPU cores)")
+        build(path, vae_steps=vae_steps, progress=progress)
+    return path

@@ -1,0 +1,154 @@
+"""DynamiCtrlPipeline: reference image + pose video + prompt -> video.
+
+A diffusers `DiffusionPipeline` (subclass of `CogVideoXImageToVideoPipeline`, whose prompt
+encoding and rotary embeddings it reuses), loadable with `DynamiCtrlPipeline.from_pretrained(folder)`.
+The pose video goes through the same VAE as the reference; guidance is text-only CFG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import CogVideoXDPMScheduler
+from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import CogVideoXImageToVideoPipeline
+from diffusers.pipelines.cogvideo.pipeline_output import CogVideoXPipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from dynamictrl.models import latents as Z
+
+
+class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
+    """Components: tokenizer, text_encoder (T5), vae (CogVideoX), transformer (DynamiCtrl), scheduler."""
+
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: np.ndarray | torch.Tensor,
+        pose_video: np.ndarray | torch.Tensor,
+        prompt: str | None = None,
+        negative_prompt: str = "",
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        reference_mask: np.ndarray | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        ofs: float = 2.0,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        max_sequence_length: int | None = None,
+    ) -> CogVideoXPipelineOutput | tuple:
+        """Animate one reference image.
+
+        Args:
+            image: (H, W, 3) uint8 reference, resized to the pose video's size if needed.
+            pose_video: (T, H, W, 3) uint8 rendered pose; T must be 8k+1 and H, W divisible by the
+                VAE stride times the patch size. Its first pose should be the reference's own.
+            prompt: the caption; `negative_prompt` is the unconditional text for CFG.
+            guidance_scale: text-only CFG scale; 1 disables CFG.
+            reference_mask: optional (H, W) bool person mask; the reference is blacked out around the
+                person so that the text decides the background.
+            latents: optional (1, F, C, h, w) starting noise.
+            ofs: CogVideoX 1.5's ofs value (ignored by 1.0 models).
+            output_type: "np" for (T, H, W, 3) uint8 frames, "latent" for the final latents.
+
+        Returns:
+            `CogVideoXPipelineOutput` whose `frames` is a list with one (T, H, W, 3) uint8 array.
+        """
+        device = self._execution_device
+        pose = np.asarray(pose_video)
+        if pose.ndim != 4 or pose.shape[-1] != 3:
+            raise ValueError(f"pose_video must be (T, H, W, 3); got shape {pose.shape}")
+        num_frames, height, width = pose.shape[:3]
+        Z.check_frame_count(self.vae, num_frames)
+        Z.check_resolution(height, width, self.vae, self.transformer.config.patch_size)
+        max_sequence_length = max_sequence_length or self.transformer.config.max_text_seq_length
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("a prompt (or prompt_embeds) is required")
+
+        # 1. Text: prompt and, for CFG, the negative prompt.
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=do_cfg,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length, device=device,
+        )  # fmt: skip
+        dtype = prompt_embeds.dtype
+        text = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+
+        # 2. Reference and pose through the shared VAE.
+        ref = np.asarray(image)
+        if reference_mask is not None:
+            ref = ref * np.asarray(reference_mask, dtype=bool)[..., None]
+        ref_t = Z.frames_to_tensor(ref[None], device).squeeze(1)[None]  # (1, 3, H, W)
+        if ref_t.shape[-2:] != (height, width):
+            ref_t = F.interpolate(ref_t, size=(height, width), mode="bilinear", align_corners=False)
+        pose_lat = Z.encode_video(self.vae, Z.frames_to_tensor(pose, device)[None]).to(dtype)  # (1, F, C, h, w)
+        n_lat = pose_lat.shape[1]
+        image_lat = Z.encode_reference(self.vae, ref_t, n_lat).to(dtype)
+        p_t = self.transformer.config.patch_size_t
+        pose_lat, image_lat = Z.pad_for_patch_t(pose_lat, p_t), Z.pad_for_patch_t(image_lat, p_t)
+
+        # 3. Noise and timesteps (trailing spacing is in the scheduler config).
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if latents is None:
+            latents = randn_tensor(pose_lat.shape, generator=generator, device=device, dtype=dtype)
+        elif latents.shape != pose_lat.shape:
+            raise ValueError(f"latents has shape {tuple(latents.shape)}; expected {tuple(pose_lat.shape)}")
+        latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
+        rotary = (
+            self._prepare_rotary_positional_embeddings(height, width, latents.size(1), device)
+            if self.transformer.config.use_rotary_positional_embeddings
+            else None
+        )
+        ofs_t = latents.new_full((1,), ofs) if self.transformer.config.ofs_embed_dim else None
+        extra = self.prepare_extra_step_kwargs(generator, 0.0)
+        self._guidance_scale, self._interrupt, self._num_timesteps = guidance_scale, False, len(timesteps)
+        reps = 2 if do_cfg else 1
+        cond_image, cond_pose = image_lat.repeat(reps, 1, 1, 1, 1), pose_lat.repeat(reps, 1, 1, 1, 1)
+
+        # 4. Denoising loop.
+        old_x0 = None
+        with self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                model_in = self.scheduler.scale_model_input(latents.repeat(reps, 1, 1, 1, 1), t)
+                model_in = torch.cat([model_in, cond_image], dim=2)  # (B, F, 2C, h, w)
+                v = self.transformer(
+                    hidden_states=model_in, encoder_hidden_states=text, timestep=t.expand(reps), ofs=ofs_t,
+                    image_rotary_emb=rotary, control_hidden_states=cond_pose, return_dict=False,
+                )[0].float()  # fmt: skip
+                if do_cfg:
+                    v_uncond, v_text = v.chunk(2)
+                    v = v_uncond + guidance_scale * (v_text - v_uncond)
+                if isinstance(self.scheduler, CogVideoXDPMScheduler):
+                    prev_t = timesteps[i - 1] if i > 0 else None
+                    latents, old_x0 = self.scheduler.step(v, old_x0, t, prev_t, latents, **extra, return_dict=False)
+                else:
+                    latents = self.scheduler.step(v, t, latents, **extra, return_dict=False)[0]
+                latents = latents.to(dtype)
+                if callback_on_step_end is not None:
+                    scope = {"latents": latents, "prompt_embeds": prompt_embeds,
+                             "negative_prompt_embeds": negative_prompt_embeds}  # fmt: skip
+                    out = callback_on_step_end(self, i, t, {k: scope[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = out.pop("latents", latents)
+                bar.update()
+
+        # 5. Decode.
+        latents = Z.unpad(latents, n_lat)
+        if output_type == "latent":
+            video = latents
+        else:
+            video = [Z.tensor_to_frames(Z.decode_latents(self.vae, latents)[0])[:num_frames]]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (video,)
+        return CogVideoXPipelineOutput(frames=video)

@@ -1,0 +1,358 @@
+"""Preprocessing: raw videos and TikTok-style folders -> webdataset shards (DESIGN.md §2-3).
+
+Per input: frames (resampled to `fps`), keypoints (sidecar OpenPose JSON, else the pose backend),
+person masks (sidecar PNGs, else the backend's segmentation), a caption (sidecar .txt), then clips
+of `num_frames` every `stride` frames, cropped around the person's box over the whole clip and
+resized to the nearest-aspect resolution bucket, each with its rendered pose video.
+
+The run is resumable (finished inputs are listed in `manifest.jsonl` once their shard is renamed into
+place; rejected ones in `rejects.jsonl`) and splittable: rank r of N takes inputs r, r+N, ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dynamictrl.data.shards import ShardSink, encode_sample, sample_key
+from dynamictrl.errors import Reject, UserError
+from dynamictrl.pose import layout as L
+from dynamictrl.pose.render import render_video
+from dynamictrl.utils.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_frames_dir, read_video
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    video_id: str
+    split: str
+
+    @property
+    def is_folder(self) -> bool:
+        return self.path.is_dir()
+
+
+def discover(root: str | Path) -> list[Item]:
+    """Video files and frame folders under `root`, sorted. A folder with `images/` is one video; the
+    split is the first path component below `root` when it is train/val/test, else train."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"input {root}: no such file or folder")
+    if root.is_file():
+        return [Item(root, root.stem, "train")]
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if "images" in dirnames:
+            found.append(here)
+            dirnames[:] = []
+            continue
+        dirnames.sort()
+        found += [here / f for f in filenames if Path(f).suffix.lower() in VIDEO_SUFFIXES]
+    items = []
+    for path in sorted(found):
+        rel = path.relative_to(root)
+        split = rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in SPLITS else "train"
+        video_id = "_".join(rel.with_suffix("").parts) if path.is_file() else "_".join(rel.parts)
+        items.append(Item(path, video_id or path.stem, split))
+    return items
+
+
+def partition(items: list[Item], rank: int, world_size: int) -> list[Item]:
+    """Deterministic round-robin split; the union over ranks is every item exactly once."""
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside world_size {world_size}")
+    return items[rank::world_size]
+
+
+def resolve_rank(cfg: DictConfig) -> tuple[int, int]:
+    """rank/world_size from config, else SLURM array or torchrun variables, else 0/1."""
+    if cfg.get("rank") is not None and cfg.get("world_size") is not None:
+        return int(cfg.rank), int(cfg.world_size)
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        return int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    return 0, 1
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's image files in name order."""
+    h = hashlib.sha256()
+    files = sorted(p for p in (path / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class Backends:
+    """Models load once per worker, on first need."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self._pose = None
+
+    @property
+    def pose(self):
+        if self._pose is None:
+            self._pose = instantiate(self.cfg.pose)
+        return self._pose
+
+
+def load_input(item: Item, default_fps: float) -> tuple[np.ndarray, float]:
+    try:
+        if item.is_folder:
+            frames = read_frames_dir(item.path / "images")
+            meta = item.path / "meta.json"
+            fps = json.loads(meta.read_text()).get("fps", default_fps) if meta.is_file() else default_fps
+            return frames, float(fps)
+        return read_video(item.path)
+    except UserError as err:
+        raise Reject(str(err).split(": ", 1)[-1]) from None
+
+
+def resample(num_frames: int, src_fps: float, fps: float | None) -> np.ndarray:
+    """Indices of source frames that sample the video at `fps` (all frames if fps is None)."""
+    if not fps or abs(fps - src_fps) < 1e-3:
+        return np.arange(num_frames)
+    n = int(np.floor((num_frames - 1) * fps / src_fps)) + 1
+    return np.minimum(np.round(np.arange(n) * src_fps / fps).astype(int), num_frames - 1)
+
+
+def sidecar_keypoints(item: Item, num_frames: int, height: int, width: int) -> np.ndarray | None:
+    folder = item.path / "openpose" if item.is_folder else None
+    if folder is None or not folder.is_dir():
+        return None
+    files = sorted(folder.glob("*.json"))
+    if len(files) != num_frames:
+        raise Reject(f"sidecar keypoints: {len(files)} files for {num_frames} frames")
+    out = L.empty(num_frames)
+    for i, f in enumerate(files):
+        try:
+            people = L.from_openpose_json(json.loads(f.read_text()), width, height)
+        except (ValueError, json.JSONDecodeError) as err:
+            raise Reject(f"sidecar keypoints {f.name}: {err}") from None
+        if len(people) > 1:
+            raise Reject("several people")
+        if people:
+            out[i] = people[0]
+    return out
+
+
+def sidecar_masks(item: Item, indices: np.ndarray, height: int, width: int) -> np.ndarray | None:
+    folder = item.path / "masks" if item.is_folder else None
+    if folder is None or not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files or len(files) <= indices.max():
+        raise Reject(f"sidecar masks: {len(files)} files for {indices.max() + 1} frames")
+    masks = [np.asarray(Image.open(files[i]).convert("L")) > 127 for i in indices]
+    return np.stack([m if m.shape == (height, width) else cv2.resize(m.astype(np.uint8), (width, height)) > 0
+                     for m in masks])  # fmt: skip
+
+
+def sidecar_caption(item: Item) -> str | None:
+    candidates = [item.path / "caption.txt"] if item.is_folder else [item.path.with_suffix(".txt")]
+    for c in candidates:
+        if c.is_file() and c.read_text().strip():
+            return c.read_text().strip()
+    return None
+
+
+def crop_box(box: tuple[float, float, float, float], height: int, width: int, aspect: float,
+             margin: float) -> tuple[int, int, int, int]:  # fmt: skip
+    """Pixel crop (x0, y0, x1, y1) around a normalised person box, grown by `margin` of its height and
+    to the target aspect (w/h), kept inside the frame (shrunk about its centre if it cannot fit)."""
+    x0, y0, x1, y1 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    h = (y1 - y0) * (1 + 2 * margin)
+    w = (x1 - x0) + 2 * margin * (y1 - y0)
+    h, w = max(h, w / aspect), max(w, h * aspect)
+    scale = min(1.0, height / h, width / w)
+    h, w = h * scale, w * scale
+    x0 = min(max(cx - w / 2, 0), width - w)
+    y0 = min(max(cy - h / 2, 0), height - h)
+    return round(x0), round(y0), round(x0 + w), round(y0 + h)
+
+
+def choose_bucket(buckets: list[list[int]], box: tuple[int, int, int, int]) -> tuple[int, int]:
+    """The (height, width) bucket whose aspect ratio is closest to the box's (in log ratio)."""
+    aspect = (box[2] - box[0]) / max(box[3] - box[1], 1)
+    return min(((int(h), int(w)) for h, w in buckets), key=lambda hw: abs(np.log(hw[1] / hw[0] / aspect)))
+
+
+def make_clips(frames, kpts, masks, cfg: DictConfig) -> list[dict[str, Any]]:
+    """Cut, crop and resize clips; returns one dict of arrays and geometry per clip."""
+    n, H, W = frames.shape[:3]
+    length = int(cfg.num_frames)
+    stride = int(cfg.stride or length)
+    clips = []
+    for ci, start in enumerate(range(0, n - length + 1, stride)):
+        sl = slice(start, start + length)
+        box = L.person_box(kpts[sl])
+        if box is None:
+            continue
+        aspects = [w / h for h, w in cfg.buckets]
+        rough = crop_box(box, H, W, float(np.median(aspects)), cfg.crop_margin)
+        bh, bw = choose_bucket(cfg.buckets, rough)
+        x0, y0, x1, y1 = crop_box(box, H, W, bw / bh, cfg.crop_margin)
+        clip = np.stack([cv2.resize(f[y0:y1, x0:x1], (bw, bh), interpolation=cv2.INTER_AREA) for f in frames[sl]])
+        mask = np.stack([cv2.resize(m[y0:y1, x0:x1].astype(np.uint8), (bw, bh), interpolation=cv2.INTER_NEAREST) > 0
+                         for m in masks[sl]])  # fmt: skip
+        k = kpts[sl].copy()
+        k[..., 0] = (k[..., 0] * W - x0) / (x1 - x0)
+        k[..., 1] = (k[..., 1] * H - y0) / (y1 - y0)
+        outside = (k[..., 0] < 0) | (k[..., 0] > 1) | (k[..., 1] < 0) | (k[..., 1] > 1) | (k[..., 2] <= 0)
+        k[outside] = 0.0
+        clips.append({"index": ci, "start": start, "frames": clip, "mask": mask, "kpts": k.astype(np.float32),
+                      "crop": [x0, y0, x1, y1], "size": [bh, bw]})  # fmt: skip
+    return clips
+
+
+def process(item: Item, cfg: DictConfig, backends: Backends) -> list[dict[str, Any]]:
+    """One input -> encoded samples. Raises Reject with a reason for an unusable input."""
+    frames, src_fps = load_input(item, cfg.default_fps)
+    H, W = frames.shape[1:3]
+    idx = resample(len(frames), src_fps, cfg.fps)
+    fps = float(cfg.fps or src_fps)
+    if len(idx) < cfg.num_frames:
+        raise Reject(f"too short: {len(idx)} frames at {fps:g} fps, a clip needs {cfg.num_frames}")
+    caption = sidecar_caption(item)
+    if caption is None:
+        raise Reject("no caption (no sidecar .txt; captioning models come with the caption stage)")
+    kpts = sidecar_keypoints(item, len(frames), H, W)
+    masks = sidecar_masks(item, idx, H, W)
+    stages = {"pose": "sidecar-openpose" if kpts is not None else None, "mask": "sidecar-png" if masks is not None else None,
+              "caption": "sidecar-txt"}  # fmt: skip
+    if kpts is not None:
+        kpts = kpts[idx]
+    if kpts is None or masks is None:
+        backend = backends.pose
+        backend.reset()
+        found = [backend(f) for f in tqdm(frames[idx], desc=f"pose {item.video_id}", leave=False,
+                                           disable=not cfg.progress)]  # fmt: skip
+        if kpts is None:
+            kpts = np.stack([k for k, _ in found])
+            stages["pose"] = f"{backend.name}-{backend.version}"
+        if masks is None:
+            masks = np.stack([m if m is not None else np.zeros((H, W), bool) for _, m in found])
+            stages["mask"] = f"{backend.name}-{backend.version}"
+    frames = frames[idx]
+    detected = L.body_detected(kpts)
+    if detected.mean() < cfg.min_pose_ratio:
+        raise Reject(f"no person: body found in {detected.mean():.0%} of frames")
+    clips = make_clips(frames, kpts, masks, cfg)
+    if not clips:
+        raise Reject("no person in any clip")
+    sha = file_sha256(item.path)
+    samples = []
+    for c in clips:
+        bh, bw = c["size"]
+        pose = render_video(c["kpts"], bh, bw)
+        det = L.body_detected(c["kpts"])
+        meta = {
+            "source": str(item.path), "sha256": sha, "video_id": item.video_id, "clip_index": c["index"],
+            "fps": fps, "frame_indices": idx[c["start"] : c["start"] + cfg.num_frames].tolist(),
+            "num_frames": int(cfg.num_frames), "original_size": [H, W], "crop_box": c["crop"], "size": [bh, bw],
+            "backends": stages, "split": item.split,
+            "qc": {"pose_detected_ratio": float(det.mean()), "mean_mask_area": float(c["mask"].mean()),
+                   "person_count": 1},
+        }  # fmt: skip
+        key = sample_key(item.video_id, c["index"])
+        samples.append(encode_sample(key, c["frames"], pose, c["mask"], c["kpts"], caption, meta, fps))
+    return samples
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill; its input is simply redone
+    return rows
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Preprocess `cfg.input` into shards under `cfg.output`. Returns the run summary."""
+    if not cfg.get("input"):
+        raise UserError("input is not set: make preprocess ARGS=\"input=DIR output=DIR\"")
+    if not cfg.get("output"):
+        raise UserError("output is not set: make preprocess ARGS=\"input=DIR output=DIR\"")
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = resolve_rank(cfg)
+    items = partition(discover(cfg.input), rank, world)
+    manifest, rejects = out / "manifest.jsonl", out / "rejects.jsonl"
+    done = {r["source"] for r in _read_jsonl(manifest)} | {r["path"] for r in _read_jsonl(rejects)}
+    todo = [it for it in items if str(it.path) not in done]
+    backends = Backends(cfg)
+    sinks: dict[str, ShardSink] = {}
+    pending: dict[str, list[dict]] = {}
+    stats: Counter = Counter(skipped=len(items) - len(todo))
+    reasons: Counter = Counter()
+    frames_done, start = 0, time.perf_counter()
+
+    def flush(split: str, force: bool = False) -> None:
+        if sinks[split].commit(force) and pending.get(split):
+            with open(manifest, "a") as f:
+                for row in pending.pop(split):
+                    f.write(json.dumps(row) + "\n")
+
+    bar = tqdm(todo, desc=f"preprocess (rank {rank}/{world})", unit="video", disable=not cfg.progress)
+    for item in bar:
+        try:
+            samples = process(item, cfg, backends)
+        except Exception as err:  # noqa: BLE001 - a long run survives any bad item; it is recorded
+            why = err if isinstance(err, Reject) else Reject(f"failed: {type(err).__name__}: {err}")
+            reasons[re.split(r"[:(]", str(why))[0].strip()] += 1
+            with open(rejects, "a") as f:
+                f.write(json.dumps({"path": str(item.path), "reason": str(why)}) + "\n")
+            continue
+        sink = sinks.setdefault(item.split, ShardSink(out, f"{item.split}-{rank:04d}", int(cfg.shard_size)))
+        for s in samples:
+            shard = sink.write(s)
+        pending.setdefault(item.split, []).append(
+            {"source": str(item.path), "video_id": item.video_id, "split": item.split, "shard": shard,
+             "keys": [s["__key__"] for s in samples]}  # fmt: skip
+        )
+        stats["done"] += 1
+        stats["clips"] += len(samples)
+        frames_done += len(samples) * int(cfg.num_frames)
+        flush(item.split)
+        bar.set_postfix(done=stats["done"], rejected=sum(reasons.values()))
+    for split in sinks:
+        flush(split, force=True)
+    if hasattr(backends._pose, "close"):
+        backends._pose.close()
+    seconds = time.perf_counter() - start
+    summary = {"rank": rank, "world_size": world, "inputs": len(items), "done": stats["done"],
+               "skipped": stats["skipped"], "clips": stats["clips"], "rejected": dict(reasons),
+               "frames_per_s": frames_done / max(seconds, 1e-9), "output": str(out)}  # fmt: skip
+    print(f"preprocess: {summary['done']} done, {summary['skipped']} skipped, "
+          f"{sum(reasons.values())} rejected {dict(reasons) or ''}, {summary['clips']} clips, "
+          f"{summary['frames_per_s']:.1f} frames/s -> {out}")  # fmt: skip
+    if items and not stats["done"] and not stats["skipped"]:
+        raise UserError(f"no input could be processed; see {rejects}")
+    return summary
