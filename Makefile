@@ -1,0 +1,43 @@
+# dynamictrl: make help lists the targets.
+PY := .venv/bin/python
+ARGS ?=
+export PYTHONWARNINGS ?= ignore
+export GLOG_minloglevel ?= 2
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: help setup demo test preprocess train animate eval lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+.venv.stamp: pyproject.toml constraints.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -c constraints.txt -e ".[backends,dev]"
+	touch .venv.stamp
+
+setup: .venv.stamp ## create .venv with the pinned stack (no-op when up to date)
+
+demo: setup ## the whole chain on embedded defaults: data, shards, training, animation, report
+	$(PY) pipelines/demo/main.py $(ARGS)
+
+test: setup ## the test suite
+	$(PY) -m pytest -q $(ARGS)
+
+preprocess: setup ## raw videos -> shards: ARGS="input=DIR output=DIR"
+	$(PY) pipelines/preprocess/main.py $(ARGS)
+
+train: setup ## train: ARGS="experiment=demo output=DIR"
+	$(PY) pipelines/train/main.py $(ARGS)
+
+animate: setup ## ARGS="image=PATH pose=PATH prompt='...' output=PATH.mp4"
+	$(PY) pipelines/animate/main.py $(ARGS)
+
+eval: setup ## ARGS="generated=DIR reference=DIR output=DIR"
+	$(PY) pipelines/eval/main.py $(ARGS)
+
+lint: setup ## ruff
+	$(PY) -m ruff check src tests pipelines
+
+clean: ## remove outputs (keeps .venv and data/)
+	rm -rf outputs

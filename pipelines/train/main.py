@@ -1,0 +1,17 @@
+"""make train ARGS="experiment=demo output=DIR": train DynamiCtrl on shards."""
+
+import hydra
+from omegaconf import DictConfig
+
+from dynamictrl.errors import user_errors
+from dynamictrl.train.run import run
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    with user_errors("train"):
+        run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Frame metrics under the DisCo protocol (DESIGN.md §5), the one behind published Table 2 numbers.
+
+- frames are paired by index; a generated frame is resized (PIL bicubic) to its real frame's size;
+- L1: mean |a - b| over pixels and channels on 0-255, divided by H*W (hence "E-04" figures);
+- PSNR: DisCo's uint8 version, whose difference and square wrap around modulo 256 (never below
+  ~24 dB); reported for comparison only;
+- PSNR*: the correct float PSNR with MAX 255, per frame, then averaged;
+- SSIM: scikit-image on grayscale uint8 (PIL "L"), 7x7 uniform window, data range 255.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from skimage.metrics import structural_similarity
+
+PROTOCOL = {
+    "name": "disco",
+    "pairing": "frame index; generated resized to the real frame size with PIL bicubic",
+    "l1": "mean |a-b| on 0-255 over pixels and channels, divided by H*W",
+    "psnr": "DisCo uint8 PSNR: (a-b)**2 computed in uint8 (wraps modulo 256), 20*log10(255/sqrt(mse))",
+    "psnr_star": "float PSNR, MAX 255, per frame, averaged",
+    "ssim": "skimage structural_similarity, grayscale uint8 (PIL 'L'), win_size 7, data_range 255",
+}
+
+
+def _match(gen: np.ndarray, real: np.ndarray) -> np.ndarray:
+    if gen.shape == real.shape:
+        return gen
+    return np.asarray(Image.fromarray(gen).resize((real.shape[1], real.shape[0]), Image.BICUBIC))
+
+
+def frame_metrics(gen: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """Metrics of one (H, W, 3) uint8 generated frame against its real frame."""
+    gen = _match(gen, real)
+    h, w = real.shape[:2]
+    a, b = gen.astype(np.float64), real.astype(np.float64)
+    l1 = float(np.abs(a - b).mean() / (h * w))
+    mse = float(((a - b) ** 2).mean())
+    psnr_star = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    wrapped = float(((gen - real) ** 2).mean())  # uint8 arithmetic on purpose: DisCo's overflow
+    psnr = 100.0 if wrapped == 0 else 20 * np.log10(255.0 / np.sqrt(wrapped))
+    gray_g = np.asarray(Image.fromarray(gen).convert("L"))
+    gray_r = np.asarray(Image.fromarray(real).convert("L"))
+    ssim = float(structural_similarity(gray_g, gray_r, win_size=7, data_range=255))
+    return {"l1": l1, "ssim": ssim, "psnr": float(psnr), "psnr_star": float(psnr_star)}
+
+
+def video_metrics(gen: np.ndarray, real: np.ndarray) -> dict[str, list[float]]:
+    """Per-frame metric lists for two (T, H, W, 3) uint8 videos of equal length."""
+    per = [frame_metrics(g, r) for g, r in zip(gen, real, strict=True)]
+    return {k: [p[k] for p in per] for k in per[0]}

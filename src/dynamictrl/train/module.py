@@ -1,0 +1,131 @@
+"""LightningModule: the DynamiCtrl training recipe (DESIGN.md §4).
+
+v-prediction as in CogVideoX fine-tuning: the model's output v gives x0 through the scheduler's
+`get_velocity(v, noisy, t)`, and the loss is (x0 - latents)^2 weighted by 1 / (1 - alpha_bar_t).
+The reference frame is noised in pixel space with sigma = exp(N(mean, std)) and dropped with a small
+probability; captions can be dropped for classifier-free guidance; in mask mode only the
+reference is masked to the person, so the background has to come from the text.
+
+The VAE and T5 are frozen and kept out of the module's state, so checkpoints hold the transformer
+(and optimizer) only.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+
+from dynamictrl.models import latents as Z
+from dynamictrl.models.pipeline import DynamiCtrlPipeline
+from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
+
+
+class DynamiCtrlModule(L.LightningModule):
+    """Args:
+        model_path: diffusers pipeline folder (DynamiCtrl, or the embedded tiny model).
+        optimizer, lr_scheduler: partials from Hydra (`_partial_: true`).
+        ref_noise_mean, ref_noise_std: log-sigma of the reference's pixel noise.
+        ref_drop: probability of zeroing the reference latent.
+        text_drop: probability of replacing the caption by "" (the pipeline's negative prompt).
+        mask_reference: mask the reference to the person (background control).
+        ofs: CogVideoX 1.5's ofs value.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        optimizer: partial,
+        lr_scheduler: partial | None = None,
+        ref_noise_mean: float = -3.0,
+        ref_noise_std: float = 0.5,
+        ref_drop: float = 0.05,
+        text_drop: float = 0.0,
+        mask_reference: bool = False,
+        ofs: float = 2.0,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.transformer = DynamiCtrlTransformer3DModel.from_pretrained(model_path, subfolder="transformer")
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        pipe = DynamiCtrlPipeline.from_pretrained(model_path, transformer=self.transformer)
+        pipe.vae.requires_grad_(False).eval()
+        pipe.text_encoder.requires_grad_(False).eval()
+        object.__setattr__(self, "pipe", pipe)  # not a submodule: frozen parts stay out of checkpoints
+
+    def on_fit_start(self) -> None:
+        self.pipe.vae.to(self.device)
+        self.pipe.text_encoder.to(self.device)
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        embeds, _ = self.pipe.encode_prompt(
+            captions, do_classifier_free_guidance=False, device=self.device,
+            max_sequence_length=self.transformer.config.max_text_seq_length,
+        )  # fmt: skip
+        return embeds
+
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """The training loss for one batch (video/pose (B, 3, T, H, W) in [-1, 1], mask, caption)."""
+        hp, vae, sched = self.hparams, self.pipe.vae, self.pipe.scheduler
+        video, pose = batch["video"], batch["pose"]
+        b, device = video.shape[0], video.device
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=generator, device="cpu").to(device)
+
+        # 1. Conditions through the frozen encoders.
+        ref = video[:, :, 0]  # (B, 3, H, W)
+        if hp.mask_reference:
+            ref = torch.where(batch["mask"][:, 0, None].to(device), ref, torch.full_like(ref, -1.0))
+        sigma = torch.exp(hp.ref_noise_mean + hp.ref_noise_std * torch.randn(b, generator=generator).to(device))
+        ref = ref + sigma[:, None, None, None] * torch.randn(ref.shape, generator=generator).to(device)
+        captions = ["" if float(rand(1)) < hp.text_drop else c for c in batch["caption"]]
+        with torch.no_grad():
+            target = Z.encode_video(vae, video)  # (B, F, C, h, w)
+            n_lat = target.shape[1]
+            pose_lat = Z.encode_video(vae, pose)
+            image_lat = Z.encode_reference(vae, ref, n_lat)
+            keep = (rand(b) >= hp.ref_drop).to(image_lat.dtype)
+            image_lat = image_lat * keep[:, None, None, None, None]
+            text = self.encode_text(captions)
+
+        # 2. Noise the target at uniform timesteps.
+        p_t = self.transformer.config.patch_size_t
+        target_p, pose_p, image_p = (Z.pad_for_patch_t(x, p_t) for x in (target, pose_lat, image_lat))
+        noise = torch.randn(target_p.shape, generator=generator).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(device)
+        noisy = sched.add_noise(target_p, noise, t)
+
+        # 3. Predict v; recover x0 and weight as in CogVideoX fine-tuning.
+        h, w = video.shape[-2:]
+        rotary = (self.pipe._prepare_rotary_positional_embeddings(h, w, noisy.shape[1], device)
+                  if self.transformer.config.use_rotary_positional_embeddings else None)  # fmt: skip
+        ofs = noisy.new_full((1,), hp.ofs) if self.transformer.config.ofs_embed_dim else None
+        v = self.transformer(
+            hidden_states=torch.cat([noisy, image_p], dim=2), encoder_hidden_states=text, timestep=t, ofs=ofs,
+            image_rotary_emb=rotary, control_hidden_states=pose_p, return_dict=False,
+        )[0]  # fmt: skip
+        x0 = sched.get_velocity(v, noisy, t)
+        alpha_bar = sched.alphas_cumprod.to(device)[t]
+        weight = (1 / (1 - alpha_bar)).view(b, 1, 1, 1, 1)
+        err = (weight * (Z.unpad(x0, n_lat) - target) ** 2).mean(dim=(1, 2, 3, 4))
+        return err.mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["video"].shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(opt, num_training_steps=self.trainer.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
