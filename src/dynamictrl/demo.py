@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from tqdm.auto import tqdm
 
 from dynamictrl import config
@@ -24,7 +25,7 @@ from dynamictrl.data.shards import decode_sample, list_shards
 from dynamictrl.data.synthetic import generate
 from dynamictrl.eval.run import score, write_report
 from dynamictrl.models import embedded
-from dynamictrl.utils.video import write_video
+from dynamictrl.utils.video import read_video, write_video
 
 
 def make_demo_data(cfg: DictConfig | dict) -> Path:
@@ -82,8 +83,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write_report(results[label], out / "eval" / label, title=f"Demo: {label} model on held-out clips")
     print("[6/6] report")
     s = samples[0]
-    gen = __import__("dynamictrl.utils.video", fromlist=["read_video"]).read_video(out / "trained" / f"{s['key']}.mp4")[0]
-    side = write_video(out / "side_by_side.mp4", side_by_side(s["frames"][0], s["pose"], gen, s["frames"]), s["meta"]["fps"])
+    untrained = read_video(out / "untrained" / f"{s['key']}.mp4")[0]
+    gen = read_video(out / "trained" / f"{s['key']}.mp4")[0]
+    panel = side_by_side(s["frames"][0], s["pose"], gen, s["frames"])
+    side = write_video(out / "side_by_side.mp4", panel, s["meta"]["fps"])
+    sheet = np.concatenate([side_by_side(s["frames"][0], s["pose"], untrained, gen, s["frames"])[i]
+                            for i in range(0, len(gen), 2)], axis=0)  # fmt: skip
+    Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(out / "side_by_side.png")
     keys = ("l1", "ssim", "psnr", "psnr_star")
     report = {label: {k: results[label][k] for k in keys} for label in results}
     report |= {"protocol": results["trained"]["protocol"], "held_out_clips": len(samples),
@@ -97,7 +103,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         f"# dynamictrl demo\n\nThe embedded tiny model trained for {trained['steps']} steps on synthetic clips, "
         f"scored on {len(samples)} held-out clips (protocol `disco`, see eval/*/report.md).\n\n"
         f"| model | L1 | SSIM | PSNR (uint8, DisCo) | PSNR* |\n|---|---|---|---|---|\n{rows}\n\n"
-        f"Side by side (reference | pose | generated | ground truth): `side_by_side.mp4`.\n"
+        f"Side by side (reference | pose | generated | ground truth): `side_by_side.mp4`.\n\n"
+        f"![reference | pose | untrained | trained | ground truth, every other frame](side_by_side.png)\n"
     )
     print(f"\ndemo finished in {report['seconds'] / 60:.1f} min:")
     for label in results:

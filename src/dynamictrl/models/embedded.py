@@ -30,7 +30,7 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 from dynamictrl.models.pipeline import DynamiCtrlPipeline
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 
-VERSION = "tiny-v1"
+VERSION = "tiny-v2"  # bump when the recipe below changes: the cache is keyed by it
 HEIGHT, WIDTH, NUM_FRAMES = 96, 64, 9
 
 TRANSFORMER = dict(
@@ -74,7 +74,7 @@ def build_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bool = True) -> dict:
+def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bool = True, num_clips: int = 64) -> dict:
     """Short reconstruction training on synthetic clips: L1 on single frames and 9-frame clips.
 
     Returns statistics of the fit (held-out PSNR, latent std); sets `scaling_factor` so that latents
@@ -84,9 +84,9 @@ def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bo
 
     g = torch.Generator().manual_seed(seed)
     clips = np.stack([make_video(10_000 + seed * 1000 + i, NUM_FRAMES, HEIGHT, WIDTH, 8.0)["frames"]
-                      for i in range(28)])  # fmt: skip
+                      for i in range(num_clips + 4)])  # fmt: skip
     data = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (N, 3, T, H, W)
-    train, held_out = data[:24], data[24:]
+    train, held_out = data[:num_clips], data[num_clips:]
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1))))
     vae.train()
@@ -119,7 +119,7 @@ def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bo
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def build(path: str | Path, vae_steps: int = 400, seed: int = 0, progress: bool = True) -> Path:
+def build(path: str | Path, vae_steps: int = 500, seed: int = 0, progress: bool = True) -> Path:
     """Build the embedded pipeline into `path` (atomically: a temporary folder, then a rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -143,7 +143,7 @@ def build(path: str | Path, vae_steps: int = 400, seed: int = 0, progress: bool 
     return path
 
 
-def ensure(path: str | Path | None = None, vae_steps: int = 400, progress: bool = True) -> Path:
+def ensure(path: str | Path | None = None, vae_steps: int = 500, progress: bool = True) -> Path:
     """The embedded model's folder, built first if it is not there yet."""
     path = Path(path) if path else default_path()
     if not (path / "model_index.json").is_file():

@@ -194,9 +194,13 @@ def crop_box(box: tuple[float, float, float, float], height: int, width: int, as
     return round(x0), round(y0), round(x0 + w), round(y0 + h)
 
 
-def choose_bucket(buckets: list[list[int]], box: tuple[int, int, int, int]) -> tuple[int, int]:
-    """The (height, width) bucket whose aspect ratio is closest to the box's (in log ratio)."""
-    aspect = (box[2] - box[0]) / max(box[3] - box[1], 1)
+def choose_bucket(buckets: list[list[int]], box: tuple[float, float, float, float], height: int, width: int,
+                  margin: float) -> tuple[int, int]:  # fmt: skip
+    """The (height, width) bucket whose aspect ratio is closest (in log ratio) to the person box's,
+    margins included, so a standing person gets a portrait bucket and a wide pose a landscape one."""
+    bw = (box[2] - box[0]) * width + 2 * margin * (box[3] - box[1]) * height
+    bh = (box[3] - box[1]) * height * (1 + 2 * margin)
+    aspect = max(bw, 1.0) / max(bh, 1.0)
     return min(((int(h), int(w)) for h, w in buckets), key=lambda hw: abs(np.log(hw[1] / hw[0] / aspect)))
 
 
@@ -211,9 +215,7 @@ def make_clips(frames, kpts, masks, cfg: DictConfig) -> list[dict[str, Any]]:
         box = L.person_box(kpts[sl])
         if box is None:
             continue
-        aspects = [w / h for h, w in cfg.buckets]
-        rough = crop_box(box, H, W, float(np.median(aspects)), cfg.crop_margin)
-        bh, bw = choose_bucket(cfg.buckets, rough)
+        bh, bw = choose_bucket(cfg.buckets, box, H, W, cfg.crop_margin)
         x0, y0, x1, y1 = crop_box(box, H, W, bw / bh, cfg.crop_margin)
         clip = np.stack([cv2.resize(f[y0:y1, x0:x1], (bw, bh), interpolation=cv2.INTER_AREA) for f in frames[sl]])
         mask = np.stack([cv2.resize(m[y0:y1, x0:x1].astype(np.uint8), (bw, bh), interpolation=cv2.INTER_NEAREST) > 0

@@ -32,6 +32,9 @@ class DynamiCtrlModule(L.LightningModule):
         text_drop: probability of replacing the caption by "" (the pipeline's negative prompt).
         mask_reference: mask the reference to the person (background control).
         ofs: CogVideoX 1.5's ofs value.
+        cache_latents: keep each clip's target and pose latents in memory after the first encoding
+            (exact: the VAE is frozen and encodes with the posterior mode; only the noised reference is
+            encoded every step). For small datasets such as the demo's.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class DynamiCtrlModule(L.LightningModule):
         mask_reference: bool = False,
         ofs: float = 2.0,
         gradient_checkpointing: bool = False,
+        cache_latents: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -57,6 +61,7 @@ class DynamiCtrlModule(L.LightningModule):
         pipe.vae.requires_grad_(False).eval()
         pipe.text_encoder.requires_grad_(False).eval()
         object.__setattr__(self, "pipe", pipe)  # not a submodule: frozen parts stay out of checkpoints
+        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def on_fit_start(self) -> None:
         self.pipe.vae.to(self.device)
@@ -69,10 +74,26 @@ class DynamiCtrlModule(L.LightningModule):
         )  # fmt: skip
         return embeds
 
+    @torch.no_grad()
+    def encode_clips(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target and pose latents, (B, F, C, h, w) each, from the cache when enabled."""
+        vae, keys = self.pipe.vae, batch.get("key")
+        if not self.hparams.cache_latents or keys is None:
+            return Z.encode_video(vae, batch["video"]), Z.encode_video(vae, batch["pose"])
+        todo = [i for i, k in enumerate(keys) if k not in self._latent_cache]
+        if todo:
+            target = Z.encode_video(vae, batch["video"][todo])
+            pose = Z.encode_video(vae, batch["pose"][todo])
+            for j, i in enumerate(todo):
+                self._latent_cache[keys[i]] = (target[j].cpu(), pose[j].cpu())
+        pairs = [self._latent_cache[k] for k in keys]
+        device = batch["video"].device
+        return torch.stack([t for t, _ in pairs]).to(device), torch.stack([p for _, p in pairs]).to(device)
+
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """The training loss for one batch (video/pose (B, 3, T, H, W) in [-1, 1], mask, caption)."""
         hp, vae, sched = self.hparams, self.pipe.vae, self.pipe.scheduler
-        video, pose = batch["video"], batch["pose"]
+        video = batch["video"]
         b, device = video.shape[0], video.device
 
         def rand(*shape):
@@ -86,9 +107,8 @@ class DynamiCtrlModule(L.LightningModule):
         ref = ref + sigma[:, None, None, None] * torch.randn(ref.shape, generator=generator).to(device)
         captions = ["" if float(rand(1)) < hp.text_drop else c for c in batch["caption"]]
         with torch.no_grad():
-            target = Z.encode_video(vae, video)  # (B, F, C, h, w)
+            target, pose_lat = self.encode_clips(batch)  # (B, F, C, h, w) each
             n_lat = target.shape[1]
-            pose_lat = Z.encode_video(vae, pose)
             image_lat = Z.encode_reference(vae, ref, n_lat)
             keep = (rand(b) >= hp.ref_drop).to(image_lat.dtype)
             image_lat = image_lat * keep[:, None, None, None, None]

@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny embedded model and a small preprocessed dataset, built once per session."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("GLOG_minloglevel", "2")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The embedded pipeline built with a 2-step VAE fit (same code and layout, little quality)."""
+    from dynamictrl.models import embedded
+
+    return embedded.build(tmp_path_factory.mktemp("model") / "tiny", vae_steps=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def raw_data(tmp_path_factory) -> Path:
+    from dynamictrl.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("raw"), num_train=3, num_test=1, num_frames=20, progress=False)
+
+
+@pytest.fixture(scope="session")
+def shards(raw_data, tmp_path_factory) -> Path:
+    from dynamictrl import config
+    from dynamictrl.preprocess.run import run
+
+    out = tmp_path_factory.mktemp("shards")
+    run(config.load("preprocess", [f"input={raw_data}", f"output={out}", "progress=false"]))
+    return out
