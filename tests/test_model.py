@@ -80,9 +80,12 @@ def test_save_and_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     loaded = DynamiCtrlTransformer3DModel.from_pretrained(tmp_path).eval()
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
     kw, pose = inputs()
     with torch.no_grad():
-        assert torch.equal(model(**kw, control_hidden_states=pose).sample, loaded(**kw, control_hidden_states=pose).sample)
+        a, b = model(**kw, control_hidden_states=pose).sample, loaded(**kw, control_hidden_states=pose).sample
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_bad_shapes_get_clear_errors():

@@ -8,6 +8,7 @@ import pytest
 
 from dynamictrl import config
 from dynamictrl.data.synthetic import make_video
+from dynamictrl.errors import UserError
 from dynamictrl.preprocess.run import crop_box, discover, partition, run
 from dynamictrl.utils.video import write_video
 
@@ -87,7 +88,8 @@ def test_missing_sidecar_frames_are_rejected(raw_data, tmp_path):
     bad = tmp_path / "raw" / "train" / "broken_sidecar"
     shutil.copytree(raw_data / "train" / "synth0000", bad)
     next(iter(sorted((bad / "openpose").glob("*.json")))).unlink()
-    run(cfg(tmp_path / "raw", tmp_path / "out"))
+    with pytest.raises(UserError, match="no input could be processed"):  # its only input was rejected
+        run(cfg(tmp_path / "raw", tmp_path / "out"))
     rejects = (tmp_path / "out" / "rejects.jsonl").read_text()
     assert "sidecar keypoints: 19 files for 20 frames" in rejects
 
