@@ -70,3 +70,32 @@ def test_training_output_folder_loads_as_a_pipeline(tiny_model, tmp_path):
     t.save_pretrained(tmp_path / "transformer")
     (tmp_path / "model.json").write_text(json.dumps({"base": str(tiny_model), "transformer": "transformer"}))
     assert isinstance(load_pipeline(tmp_path), DynamiCtrlPipeline)
+
+
+def test_overlap_cross_fades_and_keeps_the_frame_count(pipe, monkeypatch):
+    calls = []
+    real_call = DynamiCtrlPipeline.__call__
+
+    def spy(self, image, pose_video, **kw):
+        result = real_call(self, image, pose_video, **kw)
+        calls.append(result.frames[0].astype(np.float32))
+        return result
+
+    monkeypatch.setattr(DynamiCtrlPipeline, "__call__", spy)
+    out = animate(pipe, poses(1)[0], poses(15), "a person", clip_frames=9, overlap=2, progress=False,
+                  num_inference_steps=1, guidance_scale=1.0)  # fmt: skip
+    assert out.shape[0] == 15 and len(calls) == 2  # clips start at 0 and 6
+    a, b = calls[0], calls[1]
+    expected = (2 / 3) * a[7] + (1 / 3) * b[1]  # frame 7 = second clip's frame 1, weight 1/3
+    assert np.abs(out[7].astype(np.float32) - expected).max() <= 0.5 + 1e-3
+    assert np.array_equal(out[9:12], b[3:6].round().astype(np.uint8))
+    with pytest.raises(ValueError, match="overlap=8 leaves no new frames"):
+        animate(pipe, poses(1)[0], poses(15), "x", clip_frames=9, overlap=8, progress=False)
+
+
+def test_cfg_in_separate_passes_gives_the_same_video(pipe):
+    pose = poses(9)
+    kw = dict(prompt="a red shirt", num_inference_steps=2, guidance_scale=3.0)
+    a = pipe(pose[0], pose, generator=torch.Generator().manual_seed(1), **kw).frames[0]
+    b = pipe(pose[0], pose, generator=torch.Generator().manual_seed(1), cfg_separate_passes=True, **kw).frames[0]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

@@ -32,12 +32,13 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 from dynamictrl.models.pipeline import DynamiCtrlPipeline
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 
-VERSION = "tiny-v3"  # bump when the recipe below changes: the cache is keyed by it
+VERSION = "tiny-v4"  # bump when the recipe below changes: the cache is keyed by it
 HEIGHT, WIDTH, NUM_FRAMES = 96, 64, 9
 
 TRANSFORMER = dict(
     num_attention_heads=6, attention_head_dim=32, in_channels=32, out_channels=16, time_embed_dim=128,
-    ofs_embed_dim=128, text_embed_dim=32, num_layers=4, sample_height=HEIGHT // 4, sample_width=WIDTH // 4,
+    ofs_embed_dim=128, text_embed_dim=32, num_layers=4, sample_height=max(HEIGHT, WIDTH) // 4,
+    sample_width=max(HEIGHT, WIDTH) // 4,
     sample_frames=NUM_FRAMES, patch_size=2, patch_size_t=2, max_text_seq_length=64,
     use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False, patch_bias=False,
 )  # fmt: skip
@@ -137,6 +138,9 @@ def build(path: str | Path, vae_steps: int = 500, seed: int = 0, progress: bool 
                               transformer=transformer, scheduler=scheduler)  # fmt: skip
     pipe.save_pretrained(tmp)
     (tmp / "BUILD.json").write_text(json.dumps({"version": VERSION, "seed": seed, "vae_fit": stats}, indent=1))
+    # What animate should default to with this model (see dynamictrl.animate.run.model_defaults).
+    defaults = {"buckets": [[HEIGHT, WIDTH], [WIDTH, HEIGHT]], "clip_frames": NUM_FRAMES}
+    (tmp / "dynamictrl.json").write_text(json.dumps(defaults, indent=1))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(path)

@@ -25,6 +25,15 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
 
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
+    def check_positional_range(self, height: int, width: int) -> None:
+        """CogVideoX 1.5's RoPE covers at most sample_height x sample_width latents; say so clearly."""
+        tc = self.transformer.config
+        if tc.patch_size_t is None or not tc.use_rotary_positional_embeddings:
+            return
+        max_h, max_w = tc.sample_height * self.vae_scale_factor_spatial, tc.sample_width * self.vae_scale_factor_spatial
+        if height > max_h or width > max_w:
+            raise ValueError(f"resolution {height}x{width} exceeds this model's positional range {max_h}x{max_w}")
+
     @torch.no_grad()
     def __call__(
         self,
@@ -45,6 +54,7 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int | None = None,
+        cfg_separate_passes: bool = False,
     ) -> CogVideoXPipelineOutput | tuple:
         """Animate one reference image.
 
@@ -59,6 +69,8 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
             latents: optional (1, F, C, h, w) starting noise.
             ofs: CogVideoX 1.5's ofs value (ignored by 1.0 models).
             output_type: "np" for (T, H, W, 3) uint8 frames, "latent" for the final latents.
+            cfg_separate_passes: run the unconditional and the text pass one after the other instead of
+                as one batch of two (same result, about half the activation memory).
 
         Returns:
             `CogVideoXPipelineOutput` whose `frames` is a list with one (T, H, W, 3) uint8 array.
@@ -70,6 +82,7 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
         num_frames, height, width = pose.shape[:3]
         Z.check_frame_count(self.vae, num_frames)
         Z.check_resolution(height, width, self.vae, self.transformer.config.patch_size)
+        self.check_positional_range(height, width)
         max_sequence_length = max_sequence_length or self.transformer.config.max_text_seq_length
         if prompt is None and prompt_embeds is None:
             raise ValueError("a prompt (or prompt_embeds) is required")
@@ -122,10 +135,14 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
             for i, t in enumerate(timesteps):
                 model_in = self.scheduler.scale_model_input(latents.repeat(reps, 1, 1, 1, 1), t)
                 model_in = torch.cat([model_in, cond_image], dim=2)  # (B, F, 2C, h, w)
-                v = self.transformer(
-                    hidden_states=model_in, encoder_hidden_states=text, timestep=t.expand(reps), ofs=ofs_t,
-                    image_rotary_emb=rotary, control_hidden_states=cond_pose, return_dict=False,
-                )[0].float()  # fmt: skip
+                passes = [slice(0, 1), slice(1, 2)] if do_cfg and cfg_separate_passes else [slice(0, reps)]
+                v = torch.cat([
+                    self.transformer(
+                        hidden_states=model_in[p], encoder_hidden_states=text[p], timestep=t.expand(p.stop - p.start),
+                        ofs=ofs_t, image_rotary_emb=rotary, control_hidden_states=cond_pose[p], return_dict=False,
+                    )[0].float()
+                    for p in passes
+                ])  # fmt: skip
                 if do_cfg:
                     v_uncond, v_text = v.chunk(2)
                     v = v_uncond + guidance_scale * (v_text - v_uncond)

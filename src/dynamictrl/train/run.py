@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.save_checkpoint(last)
     export = out / "transformer"
     module.transformer.save_pretrained(export, safe_serialization=True)
-    (out / "model.json").write_text(json.dumps({"base": base, "transformer": "transformer"}, indent=1))
+    (out / "model.json").write_text(json.dumps({"base": str(Path(base).resolve()), "transformer": "transformer"}, indent=1))
     skipped = datamodule.dataset.skipped if datamodule.dataset is not None else 0
     print(f"train: {trainer.global_step} steps -> {out}/metrics.csv, {last}, {export} "
           f"({skipped} corrupt samples skipped)")  # fmt: skip
