@@ -99,3 +99,13 @@ def test_cfg_in_separate_passes_gives_the_same_video(pipe):
     a = pipe(pose[0], pose, generator=torch.Generator().manual_seed(1), **kw).frames[0]
     b = pipe(pose[0], pose, generator=torch.Generator().manual_seed(1), cfg_separate_passes=True, **kw).frames[0]
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_training_output_with_a_missing_base_is_a_clear_error(tmp_path):
+    import json
+
+    from dynamictrl.errors import UserError
+
+    (tmp_path / "model.json").write_text(json.dumps({"base": "/no/such/base", "transformer": "transformer"}))
+    with pytest.raises(UserError, match="its base model /no/such/base is not a pipeline folder"):
+        load_pipeline(tmp_path)

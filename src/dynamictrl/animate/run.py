@@ -42,6 +42,8 @@ def load_pipeline(model: str | Path | None = None) -> DynamiCtrlPipeline:
         return DynamiCtrlPipeline.from_pretrained(path)
     if (path / "model.json").is_file():
         info = json.loads((path / "model.json").read_text())
+        if not (Path(info["base"]) / "model_index.json").is_file():
+            raise UserError(f"model={path}: its base model {info['base']} is not a pipeline folder (moved or deleted?)")
         transformer = DynamiCtrlTransformer3DModel.from_pretrained(path / info["transformer"])
         return DynamiCtrlPipeline.from_pretrained(info["base"], transformer=transformer)
     if not path.exists():
