@@ -5,7 +5,7 @@ export PYTHONWARNINGS ?= ignore
 export GLOG_minloglevel ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: help setup demo test preprocess train animate eval lint clean
+.PHONY: help setup demo test preprocess train animate eval bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -41,3 +41,6 @@ lint: setup ## ruff
 
 clean: ## remove outputs (keeps .venv and data/)
 	rm -rf outputs
+
+bench: setup ## speed and memory benchmarks -> outputs/bench/ (model variants; ratios measured side by side)
+	$(PY) -m dynamictrl.bench

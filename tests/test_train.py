@@ -38,3 +38,21 @@ def test_train_app_writes_metrics_and_checkpoint(tiny_model, shards, tmp_path, m
     state = torch.load(result["last_ckpt"], weights_only=True, map_location="cpu")["state_dict"]
     assert all(k.startswith("transformer.") for k in state)  # frozen VAE/T5 stay out of checkpoints
     assert (tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("control", ["uvt", "cross_attn"])
+def test_ablation_variants_train_from_the_same_checkpoint(control, tiny_model, shards, tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = config.load("train", ["experiment=demo", f"data.train_shards={shards}/train-*.tar", f"output={tmp_path}",
+                                f"model.control={control}", "model.pose_init=zero"])  # fmt: skip
+    module = instantiate(cfg.module, model_path=str(tiny_model))
+    assert module.transformer.config.control == control
+    dm = instantiate(cfg.data)
+    dm.setup()
+    loss = module.loss(next(iter(dm.train_dataloader())), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -228,6 +228,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         prompt = replace_background(prompt, cfg.background)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, cfg.dtype) if cfg.get("dtype") else (torch.bfloat16 if device == "cuda" else torch.float32)
+    pipe.to(dtype=dtype)
     if cfg.vae_tiling:
         pipe.vae.enable_tiling()
     if cfg.vae_slicing:
@@ -251,7 +253,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     side = write_video(out.with_name(out.stem + "_side.mp4"), side_by_side(ref, pose, video), fps)
     settings = OmegaConf.to_container(cfg, resolve=True) | {
         "prompt_used": prompt, "fps": fps, "frames": len(video), "height": height, "width": width,
-        "clip_frames": clip_frames, "aligned": aligned, "device": device,
+        "clip_frames": clip_frames, "aligned": aligned, "device": device, "dtype": str(dtype),
     }  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(settings, indent=1))
     print(f"animate: {len(video)} frames at {fps:g} fps, {height}x{width} -> {out} (side by side: {side})")

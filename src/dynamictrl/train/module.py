@@ -25,7 +25,9 @@ from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 
 class DynamiCtrlModule(L.LightningModule):
     """Args:
-        model_path: diffusers pipeline folder (DynamiCtrl, or the embedded tiny model).
+        model_path: diffusers pipeline folder: DynamiCtrl, a CogVideoX(1.5)-I2V base, or the embedded model.
+        control, pose_init: the pose branch (padaln | uvt | cross_attn) and its init for weights the
+            checkpoint lacks; None keeps the checkpoint's.
         optimizer, lr_scheduler: partials from Hydra (`_partial_: true`).
         ref_noise_mean, ref_noise_std: log-sigma of the reference's pixel noise.
         ref_drop: probability of zeroing the reference latent.
@@ -42,6 +44,8 @@ class DynamiCtrlModule(L.LightningModule):
         model_path: str,
         optimizer: partial,
         lr_scheduler: partial | None = None,
+        control: str | None = None,
+        pose_init: str | None = None,
         ref_noise_mean: float = -3.0,
         ref_noise_std: float = 0.5,
         ref_drop: float = 0.05,
@@ -54,7 +58,8 @@ class DynamiCtrlModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.transformer = DynamiCtrlTransformer3DModel.from_pretrained(model_path, subfolder="transformer")
+        choice = {k: v for k, v in (("control", control), ("pose_init", pose_init)) if v}
+        self.transformer = DynamiCtrlTransformer3DModel.from_pretrained(model_path, subfolder="transformer", **choice)
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         pipe = DynamiCtrlPipeline.from_pretrained(model_path, transformer=self.transformer)

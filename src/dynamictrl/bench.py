@@ -1,0 +1,98 @@
+"""make bench: speed and memory measurements, written to outputs/bench/ (JSON and markdown).
+
+Model: forward+backward step time of the base CogVideoX transformer and of each pose-control variant
+at one mid-size config, measured round-robin in one process so that ratios are side by side; plus
+the parameter overhead of each variant at 5B (built on the meta device). Absolute times on a shared
+machine are noise; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from diffusers import CogVideoXTransformer3DModel
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+from dynamictrl.models.inspect import format_rows, model_configs, table
+from dynamictrl.models.transformer import CONTROL_MODES, DynamiCtrlTransformer3DModel
+
+MID = dict(num_attention_heads=8, attention_head_dim=64, in_channels=32, out_channels=16, time_embed_dim=256,
+           ofs_embed_dim=256, text_embed_dim=256, num_layers=6, sample_width=24, sample_height=48, sample_frames=13,
+           patch_size=2, patch_size_t=2, max_text_seq_length=64, use_rotary_positional_embeddings=True,
+           patch_bias=False)  # fmt: skip
+
+
+def bench_model(device: str, repeats: int = 5) -> dict:
+    torch.manual_seed(0)
+    frames, h, w = 4, MID["sample_height"], MID["sample_width"]
+    models = {"base": CogVideoXTransformer3DModel(**MID)}
+    models |= {c: DynamiCtrlTransformer3DModel(**MID, control=c) for c in CONTROL_MODES}
+    x = torch.randn(1, frames, 32, h, w, device=device)
+    text = torch.randn(1, MID["max_text_seq_length"], MID["text_embed_dim"], device=device)
+    pose = torch.randn(1, frames, 16, h, w, device=device)
+    rope = get_3d_rotary_pos_embed(64, None, (h // 2, w // 2), frames // 2, grid_type="slice",
+                                   max_size=(h // 2, w // 2), device=device)  # fmt: skip
+    t, ofs = torch.tensor([500], device=device), torch.tensor([2.0], device=device)
+
+    def step(name):
+        m = models[name]
+        kw = {} if name == "base" else {"control_hidden_states": pose}
+        out = m(x, text, t, ofs=ofs, image_rotary_emb=rope, **kw).sample
+        out.square().mean().backward()
+        m.zero_grad(set_to_none=True)
+
+    for m in models.values():
+        m.to(device).train()
+    times = {n: [] for n in models}
+    for n in models:  # warm-up
+        step(n)
+    for _ in range(repeats):
+        for n in models:  # round-robin: every variant sees the same machine state
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(n)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[n].append(time.perf_counter() - start)
+    median = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+    tokens = frames // 2 * (h // 2) * (w // 2)
+    return {
+        "device": device, "config": MID, "video_tokens": tokens, "text_tokens": MID["max_text_seq_length"],
+        "median_step_s": median,
+        "ratio_to_base": {n: median[n] / median["base"] for n in median},
+        "padaln_vs_cross_attn": median["padaln"] / median["cross_attn"],
+        "params": {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
+    }  # fmt: skip
+
+
+def run(output: str | Path = "outputs/bench") -> dict:
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    results = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads()},
+               "model": [bench_model(d) for d in devices]}  # fmt: skip
+    configs = model_configs()
+    results["param_overhead_5b"] = table("cogvideox1.5-5b-i2v", configs["cogvideox1.5-5b-i2v"])
+    (out / "model.json").write_text(json.dumps(results, indent=1))
+    lines = ["# Benchmarks", "", f"Machine: {results['machine']}", "", "## Step time (forward + backward), mid-size config", ""]
+    for r in results["model"]:
+        lines += [f"{r['device']}: {r['video_tokens']} video + {r['text_tokens']} text tokens, "
+                  f"{MID['num_layers']} layers of width {MID['num_attention_heads'] * MID['attention_head_dim']}.", "",
+                  "| model | median step (s) | ratio to base | parameters |", "|---|---|---|---|"]  # fmt: skip
+        for n, v in r["median_step_s"].items():
+            lines.append(f"| {n} | {v:.3f} | {r['ratio_to_base'][n]:.2f} | {r['params'][n] / 1e6:.1f} M |")
+        lines += ["", f"PadaLN / cross-attention step time: {r['padaln_vs_cross_attn']:.2f}", ""]
+    lines += ["## Parameters at 5B (CogVideoX1.5-5B-I2V base)", "", format_rows(results["param_overhead_5b"]), ""]
+    (out / "bench.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return results
+
+
+if __name__ == "__main__":
+    run()
