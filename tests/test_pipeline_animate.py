@@ -1,4 +1,5 @@
 """Inference: the pipeline from a saved folder, chained long videos, exact frame counts."""
+import json
 
 import numpy as np
 import pytest
@@ -109,3 +110,19 @@ def test_training_output_with_a_missing_base_is_a_clear_error(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps({"base": "/no/such/base", "transformer": "transformer"}))
     with pytest.raises(UserError, match="its base model /no/such/base is not a pipeline folder"):
         load_pipeline(tmp_path)
+
+
+def test_loaded_pipelines_use_dpm_with_trailing_timesteps(tiny_model, tmp_path):
+    import shutil
+
+    from diffusers import CogVideoXDDIMScheduler
+
+    folder = tmp_path / "ddim"
+    shutil.copytree(tiny_model, folder)
+    CogVideoXDDIMScheduler(timestep_spacing="leading").save_pretrained(folder / "scheduler")
+    cfg = json.loads((folder / "model_index.json").read_text())
+    cfg["scheduler"] = ["diffusers", "CogVideoXDDIMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(cfg))
+    pipe = load_pipeline(folder)
+    assert type(pipe.scheduler).__name__ == "CogVideoXDPMScheduler"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"

@@ -21,6 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from diffusers import CogVideoXDPMScheduler
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -36,7 +37,14 @@ from dynamictrl.utils.video import read_image, read_video, write_video
 
 
 def load_pipeline(model: str | Path | None = None) -> DynamiCtrlPipeline:
-    """A pipeline folder, a training output (base + exported transformer), or the embedded model."""
+    """A pipeline folder, a training output (base + exported transformer), or the embedded model,
+    with the DPM scheduler on trailing timesteps (the official inference's), whatever the folder ships."""
+    pipe = _load(model)
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    return pipe
+
+
+def _load(model: str | Path | None) -> DynamiCtrlPipeline:
     path = Path(model) if model else embedded.ensure()
     if (path / "model_index.json").is_file():
         return DynamiCtrlPipeline.from_pretrained(path)
