@@ -14,14 +14,26 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-PROTOCOL = {
+DISCO = {
     "name": "disco",
     "pairing": "frame index; generated resized to the real frame size with PIL bicubic",
     "l1": "mean |a-b| on 0-255 over pixels and channels, divided by H*W",
     "psnr": "DisCo uint8 PSNR: (a-b)**2 computed in uint8 (wraps modulo 256), 20*log10(255/sqrt(mse))",
     "psnr_star": "float PSNR, MAX 255, per frame, averaged",
     "ssim": "skimage structural_similarity, grayscale uint8 (PIL 'L'), win_size 7, data_range 255",
+    "lpips": "lpips VGG, [0,1] inputs without normalize=True (DisCo's quirk)",
 }
+CLEAN = {
+    "name": "clean",
+    "pairing": "frame index; generated resized to the real frame size with PIL bicubic",
+    "l1": "mean |a-b| on [0,1] over pixels and channels",
+    "psnr": "float PSNR, MAX 255, per frame, averaged (same as psnr_star)",
+    "psnr_star": "float PSNR, MAX 255, per frame, averaged",
+    "ssim": "skimage structural_similarity on RGB, Gaussian window sigma 1.5, population covariance (Wang et al.)",
+    "lpips": "lpips VGG, inputs mapped to [-1,1] (normalize=True)",
+}
+PROTOCOLS = {"disco": DISCO, "clean": CLEAN}
+PROTOCOL = DISCO
 
 
 def _match(gen: np.ndarray, real: np.ndarray) -> np.ndarray:
@@ -30,9 +42,13 @@ def _match(gen: np.ndarray, real: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(gen).resize((real.shape[1], real.shape[0]), Image.BICUBIC))
 
 
-def frame_metrics(gen: np.ndarray, real: np.ndarray) -> dict[str, float]:
+def frame_metrics(gen: np.ndarray, real: np.ndarray, protocol: str = "disco") -> dict[str, float]:
     """Metrics of one (H, W, 3) uint8 generated frame against its real frame."""
     gen = _match(gen, real)
+    if protocol == "clean":
+        return _clean_metrics(gen, real)
+    if protocol != "disco":
+        raise ValueError(f"protocol={protocol!r}: choose disco or clean")
     h, w = real.shape[:2]
     a, b = gen.astype(np.float64), real.astype(np.float64)
     l1 = float(np.abs(a - b).mean() / (h * w))
@@ -46,7 +62,16 @@ def frame_metrics(gen: np.ndarray, real: np.ndarray) -> dict[str, float]:
     return {"l1": l1, "ssim": ssim, "psnr": float(psnr), "psnr_star": float(psnr_star)}
 
 
-def video_metrics(gen: np.ndarray, real: np.ndarray) -> dict[str, list[float]]:
+def _clean_metrics(gen: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    a, b = gen.astype(np.float64), real.astype(np.float64)
+    mse = float(((a - b) ** 2).mean())
+    psnr = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    ssim = structural_similarity(gen, real, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False, data_range=255)  # fmt: skip
+    return {"l1": float(np.abs(a - b).mean() / 255.0), "ssim": float(ssim), "psnr": psnr, "psnr_star": psnr}
+
+
+def video_metrics(gen: np.ndarray, real: np.ndarray, protocol: str = "disco") -> dict[str, list[float]]:
     """Per-frame metric lists for two (T, H, W, 3) uint8 videos of equal length."""
-    per = [frame_metrics(g, r) for g, r in zip(gen, real, strict=True)]
+    per = [frame_metrics(g, r, protocol) for g, r in zip(gen, real, strict=True)]
     return {k: [p[k] for p in per] for k in per[0]}

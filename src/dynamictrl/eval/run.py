@@ -1,7 +1,11 @@
-"""make eval ARGS="generated=DIR reference=DIR output=DIR": score videos against references.
+"""make eval ARGS="generated=DIR reference=DIR protocol=disco|clean output=DIR": score videos.
 
-Both folders hold videos (or frame folders) with matching names; every figure in the outputs
-(metrics.json, metrics.csv, report.md) names the protocol that produced it.
+Both folders hold videos (or frame folders) with matching names. Frame metrics (L1, SSIM, PSNR, PSNR*)
+always; LPIPS when its backbone weights are configured; pose accuracy (PCK against the poses of the
+reference video, re-extracted from the generated one) when asked. Metrics whose backbones are not
+available are reported as "not computed: ..." and never made up. Writes metrics.json (overall figures
+at the top, then per video with per-frame values), metrics.csv, report.md beside the paper's Table 2,
+plots, and a side-by-side video (generated | reference) per pair.
 """
 
 from __future__ import annotations
@@ -16,10 +20,18 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dynamictrl.errors import UserError
-from dynamictrl.eval.metrics import PROTOCOL, video_metrics
-from dynamictrl.utils.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_any
+from dynamictrl.eval import published
+from dynamictrl.eval.metrics import PROTOCOLS, _match, video_metrics
+from dynamictrl.utils.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_any, write_video
 
 METRICS = ("l1", "ssim", "psnr", "psnr_star")
+NOT_YET = {
+    "fid": "not computed: no weights for pt_inception (FID backbone loader not implemented yet)",
+    "fid_vid": "not computed: no weights for the 3D ResNet-50 Kinetics backbone (loader not implemented yet)",
+    "fvd": "not computed: no weights for I3D-400 (loader not implemented yet)",
+    "clip_consistency": "not computed: no CLIP weights configured",
+    "clip_alignment": "not computed: no CLIP weights configured",
+}
 
 
 def entries(folder: Path) -> dict[str, Path]:
@@ -30,8 +42,10 @@ def entries(folder: Path) -> dict[str, Path]:
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
             found[p.stem] = p
-        elif p.is_dir() and any(q.suffix.lower() in IMAGE_SUFFIXES for q in (p / "images" if (p / "images").is_dir() else p).iterdir()):
-            found[p.name] = p
+        elif p.is_dir():
+            images = p / "images" if (p / "images").is_dir() else p
+            if any(q.suffix.lower() in IMAGE_SUFFIXES for q in images.iterdir()):
+                found[p.name] = p
     if not found:
         raise UserError(f"{folder}: no videos or frame folders")
     return found
@@ -48,41 +62,124 @@ def pair(generated: Path, reference: Path) -> list[tuple[str, Path, Path]]:
     return [(name, gen[name], ref[name]) for name in sorted(gen)]
 
 
-def score(generated: str | Path, reference: str | Path, progress: bool = True) -> dict[str, Any]:
+def score(generated: str | Path, reference: str | Path, progress: bool = True, protocol: str = "disco",
+          lpips_model=None, pose_backend=None, side_by_side: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Per-video and overall (mean over all frames) metrics."""
-    per_video, all_frames = {}, {k: [] for k in METRICS}
+    if protocol not in PROTOCOLS:
+        raise UserError(f"protocol={protocol}: choose one of {sorted(PROTOCOLS)}")
+    names = list(METRICS) + (["lpips"] if lpips_model is not None else [])
+    per_video, all_frames = {}, {k: [] for k in names}
+    pose_hits = {"pck": [], "mean_distance": [], "keypoints": 0}
     for name, g, r in tqdm(pair(Path(generated), Path(reference)), desc="eval", disable=not progress):
         gen, _ = read_any(g)
-        ref, _ = read_any(r)
+        ref, fps = read_any(r)
         if len(gen) != len(ref):
             raise UserError(f"{name}: {len(gen)} generated frames but {len(ref)} reference frames")
-        m = video_metrics(gen, ref)
-        per_video[name] = {k: float(np.mean(v)) for k, v in m.items()} | {"frames": len(gen)}
-        for k in METRICS:
+        m = video_metrics(gen, ref, protocol)
+        if lpips_model is not None:
+            from dynamictrl.eval.lpips_metric import lpips_frames
+
+            matched = np.stack([_match(a, b) for a, b in zip(gen, ref, strict=True)])
+            m["lpips"] = lpips_frames(lpips_model, matched, ref, normalize=protocol == "clean")
+        per_video[name] = {k: float(np.mean(v)) for k, v in m.items()} | {"frames": len(gen), "per_frame": m}
+        if pose_backend is not None:
+            from dynamictrl.animate.run import extract_poses
+            from dynamictrl.eval.pose_accuracy import pck
+
+            target = extract_poses(ref, pose_backend, desc=f"poses {name} (reference)", progress=False)
+            found = extract_poses(np.stack([_match(a, b) for a, b in zip(gen, ref, strict=True)]), pose_backend,
+                                  desc=f"poses {name} (generated)", progress=False)  # fmt: skip
+            acc = pck(found, target)
+            per_video[name] |= {"pose_pck": acc["pck"], "pose_mean_distance": acc["mean_distance"]}
+            pose_hits["pck"].append(acc["pck"] * acc["keypoints"])
+            pose_hits["mean_distance"].append(acc["mean_distance"])
+            pose_hits["keypoints"] += acc["keypoints"]
+        for k in names:
             all_frames[k] += m[k]
-    overall = {k: float(np.mean(v)) for k, v in all_frames.items()}
-    return {**overall, "protocol": PROTOCOL, "videos": len(per_video),
+        if side_by_side is not None:
+            from dynamictrl.animate.run import side_by_side as stack
+
+            write_video(side_by_side / f"{name}.mp4", stack(np.stack([_match(a, b) for a, b in zip(gen, ref, strict=True)]), ref), fps or 8)
+    overall: dict[str, Any] = {k: float(np.mean(v)) for k, v in all_frames.items()}
+    if lpips_model is None:
+        overall["lpips"] = "not computed: no weights for the LPIPS VGG backbone (metrics.lpips.backbone_weights)"
+    if pose_backend is not None:
+        overall["pose_pck"] = sum(pose_hits["pck"]) / max(pose_hits["keypoints"], 1)
+        overall["pose_mean_distance"] = float(np.nanmean(pose_hits["mean_distance"]))
+    overall |= NOT_YET
+    return {**overall, "protocol": PROTOCOLS[protocol], "videos": len(per_video),
             "frames": len(all_frames["l1"]), "per_video": per_video}  # fmt: skip
 
 
-def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation") -> None:
-    """metrics.json, metrics.csv and report.md in `out`."""
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ("—" if v is None else str(v))
+
+
+def write_plots(result: dict[str, Any], out: Path) -> list[str]:
+    """per_video.png (a bar per video for each metric) and per_frame.png (curves per video)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["per_video"])
+    metrics = [k for k in (*METRICS, "lpips", "pose_pck") if isinstance(result.get(k), float)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], metrics, strict=True):
+        ax.bar(range(len(names)), [result["per_video"][n].get(k, np.nan) for n in names], color="tab:blue")
+        ax.axhline(result[k], color="tab:red", lw=1, label="overall")
+        ax.set_title(k)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "per_video.png", dpi=110)
+    plt.close(fig)
+    curves = [k for k in (*METRICS, "lpips") if isinstance(result.get(k), float)]
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), squeeze=False)
+    for ax, k in zip(axes[0], curves, strict=True):
+        for n in names:
+            ax.plot(result["per_video"][n]["per_frame"][k], lw=0.8, label=n)
+        ax.set_title(f"{k} per frame")
+        ax.set_xlabel("frame")
+    if len(names) <= 12:
+        axes[0][-1].legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(out / "per_frame.png", dpi=110)
+    plt.close(fig)
+    return ["per_video.png", "per_frame.png"]
+
+
+def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", dataset: str = "tiktok") -> None:
+    """metrics.json, metrics.csv, report.md and the plots in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    cols = [k for k in (*METRICS, "lpips", "pose_pck", "pose_mean_distance") if isinstance(result.get(k), float)]
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["video", *METRICS, "frames"])
+        w.writerow(["video", *cols, "frames"])
         for name, m in result["per_video"].items():
-            w.writerow([name, *(f"{m[k]:.6g}" for k in METRICS), m["frames"]])
-    lines = [f"# {title}", "", f"{result['videos']} videos, {result['frames']} frames. Protocol: "
-             f"`{result['protocol']['name']}` (DisCo's definitions, comparable with the paper's Table 2).", "",
+            w.writerow([name, *(f"{m[k]:.6g}" for k in cols), m["frames"]])
+    proto = result["protocol"]
+    lines = [f"# {title}", "", f"{result['videos']} videos, {result['frames']} frames, protocol `{proto['name']}`.", "",
              "| metric | value | definition |", "|---|---|---|"]  # fmt: skip
-    for k in METRICS:
-        lines.append(f"| {k} | {result[k]:.4g} | {result['protocol'][k]} |")
-    lines += ["", "Pairing: " + result["protocol"]["pairing"] + ".", "", "## Per video", "",
-              "| video | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
+    for k in (*METRICS, "lpips", "pose_pck", "fid", "fid_vid", "fvd", "clip_consistency", "clip_alignment"):
+        if k in result:
+            lines.append(f"| {k} | {_fmt(result[k])} | {proto.get(k, 'see dynamictrl.eval')} |")
+    lines += ["", "Pairing: " + proto["pairing"] + ".", "",
+              f"## Beside the paper's Table 2 ({dataset})", "",
+              "L1 in E-04 units as published. Only figures computed under the same protocol are comparable.", "",
+              "| method | protocol | L1 (E-04) | SSIM | PSNR | PSNR* | LPIPS | FID-VID | FVD |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    ours = {k: result.get(k) for k in published.METRICS}
+    ours["l1"] = ours["l1"] * 1e4 if proto["name"] == "disco" and isinstance(ours["l1"], float) else ours["l1"]
+    for method, row in [*published.rows(dataset), ("this run", ours)]:
+        tag = published.PROTOCOL if method != "this run" else proto["name"]
+        vals = [(_fmt(row[k]) if isinstance(row[k], float) or row[k] is None else "n/c") for k in published.METRICS]
+        lines.append(f"| {method} | {tag} | " + " | ".join(vals) + " |")
+    plots = write_plots(result, out) if result["per_video"] else []
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Per video", "", "| video | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in result["per_video"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4g}" for k in METRICS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(m[k]) for k in cols) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -90,8 +187,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for key in ("generated", "reference", "output"):
         if not cfg.get(key):
             raise UserError(f'{key} is not set: make eval ARGS="generated=DIR reference=DIR output=DIR"')
-    result = score(cfg.generated, cfg.reference, cfg.get("progress", True))
-    write_report(result, Path(cfg.output))
+    lpips_model = None
+    if cfg.metrics.get("lpips_backbone_weights"):
+        from dynamictrl.eval.lpips_metric import build
+
+        path = Path(cfg.metrics.lpips_backbone_weights)
+        if not path.is_file():
+            raise UserError(f"metrics.lpips_backbone_weights={path}: no such file")
+        lpips_model = build(cfg.metrics.get("lpips_net", "vgg"), path)
+    backend = None
+    if cfg.metrics.get("pose_accuracy"):
+        from hydra.utils import instantiate
+
+        backend = instantiate(cfg.pose)
+    out = Path(cfg.output)
+    result = score(cfg.generated, cfg.reference, cfg.get("progress", True), cfg.get("protocol") or cfg.metrics.protocol, lpips_model,
+                   backend, out / "side_by_side" if cfg.get("side_by_side", True) else None)  # fmt: skip
+    write_report(result, out, dataset=cfg.get("dataset_name", "tiktok"))
     print(f"eval: L1 {result['l1']:.3e}  SSIM {result['ssim']:.3f}  PSNR {result['psnr']:.2f}  "
-          f"PSNR* {result['psnr_star']:.2f} (protocol {result['protocol']['name']}) -> {cfg.output}/report.md")
+          f"PSNR* {result['psnr_star']:.2f} (protocol {result['protocol']['name']}) -> {out}/report.md")
     return result
