@@ -104,3 +104,45 @@ def test_report_says_not_computed_for_exactly_the_backbone_metrics_and_renders(t
     assert (tmp_path / "out" / "sbs" / "a.mp4").is_file()
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert list(saved)[0] == "l1" and len(saved["per_video"]["a"]["per_frame"]["psnr_star"]) == 6
+
+
+def tiny_clip(folder):
+    """A random CLIP in the real transformers layout: model, BPE tokenizer, image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)  # fmt: skip
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=64, eos_token_id=1, bos_token_id=0),
+                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2), projection_dim=16)  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+def test_clip_metrics_through_a_saved_clip(tmp_path):
+    from dynamictrl.eval.clip_metrics import ClipScorer, alignment, consistency
+
+    scorer = ClipScorer(tiny_clip(tmp_path / "clip"))
+    rng = np.random.default_rng(0)
+    still = np.repeat(rng.integers(0, 256, (1, 48, 48, 3), dtype=np.uint8), 4, axis=0)
+    noisy = rng.integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    e_still, e_noisy = scorer.image_embeds(still), scorer.image_embeds(noisy)
+    assert consistency(e_still) == pytest.approx(1.0, abs=1e-5)
+    assert consistency(e_noisy) < consistency(e_still)
+    t = scorer.text_embed("a dancer")
+    assert alignment(e_still, t) == pytest.approx(float(e_still[0] @ t), abs=1e-6)
+    assert abs(alignment(e_still, t) - alignment(e_still, scorer.text_embed("zzz"))) > 1e-6
+    write_video(tmp_path / "gen" / "v.mp4", noisy, 8)
+    write_video(tmp_path / "ref" / "v.mp4", still, 8)
+    (tmp_path / "gen" / "v.json").write_text(json.dumps({"prompt_used": "a dancer"}))
+    result = score(tmp_path / "gen", tmp_path / "ref", progress=False, clip_scorer=scorer)
+    assert isinstance(result["clip_consistency"], float) and isinstance(result["clip_alignment"], float)

@@ -1,9 +1,9 @@
-"""make bench: speed and memory measurements, written to outputs/bench/ (JSON and markdown).
+"""make bench: speed measurements, written to outputs/bench/ (JSON and markdown).
 
 Model: forward+backward step time of the base CogVideoX transformer and of each pose-control variant
 at one mid-size config, measured round-robin in one process so that ratios are side by side; plus
-the parameter overhead of each variant at 5B (built on the meta device). Absolute times on a shared
-machine are noise; the ratios are the result.
+the parameter overhead of each variant at 5B (built on the meta device). Eval: frames/s of each
+metric. Absolute times on a shared machine are noise; the ratios are the result.
 """
 
 from __future__ import annotations
@@ -70,6 +70,34 @@ def bench_model(device: str, repeats: int = 5) -> dict:
     }  # fmt: skip
 
 
+def bench_eval(frames: int = 32, size: tuple[int, int] = (256, 256)) -> dict:
+    """Frames per second of each eval metric on one video pair (LPIPS with a random VGG backbone:
+    the same cost as with real weights)."""
+    import numpy as np
+
+    from dynamictrl.animate.run import extract_poses
+    from dynamictrl.data.synthetic import make_video
+    from dynamictrl.eval.lpips_metric import build, lpips_frames
+    from dynamictrl.eval.metrics import video_metrics
+    from dynamictrl.pose.mediapipe_backend import MediaPipeHolistic
+
+    real = make_video(0, frames, *size, 8.0)["frames"]
+    gen = np.clip(real.astype(int) + np.random.default_rng(0).integers(-20, 20, real.shape), 0, 255).astype(np.uint8)
+    lp = build("vgg", random_backbone=True)
+    jobs = {
+        "frame metrics (disco)": lambda: video_metrics(gen, real, "disco"),
+        "frame metrics (clean)": lambda: video_metrics(gen, real, "clean"),
+        "lpips vgg": lambda: lpips_frames(lp, gen, real, normalize=False),
+        "pose re-extraction (mediapipe)": lambda: extract_poses(gen, MediaPipeHolistic(), progress=False),
+    }
+    out = {}
+    for name, job in jobs.items():
+        start = time.perf_counter()
+        job()
+        out[name] = frames / (time.perf_counter() - start)
+    return {"frames": frames, "size": list(size), "frames_per_s": out}
+
+
 def run(output: str | Path = "outputs/bench") -> dict:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +105,7 @@ def run(output: str | Path = "outputs/bench") -> dict:
     results = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                            "threads": torch.get_num_threads()},
                "model": [bench_model(d) for d in devices]}  # fmt: skip
+    results["eval"] = bench_eval()
     configs = model_configs()
     results["param_overhead_5b"] = table("cogvideox1.5-5b-i2v", configs["cogvideox1.5-5b-i2v"])
     (out / "model.json").write_text(json.dumps(results, indent=1))
@@ -89,6 +118,9 @@ def run(output: str | Path = "outputs/bench") -> dict:
             lines.append(f"| {n} | {v:.3f} | {r['ratio_to_base'][n]:.2f} | {r['params'][n] / 1e6:.1f} M |")
         lines += ["", f"PadaLN / cross-attention step time: {r['padaln_vs_cross_attn']:.2f}", ""]
     lines += ["## Parameters at 5B (CogVideoX1.5-5B-I2V base)", "", format_rows(results["param_overhead_5b"]), ""]
+    ev = results["eval"]
+    lines += [f"## Eval metrics ({ev['frames']} frames at {ev['size'][0]}x{ev['size'][1]}, CPU)", "",
+              "| metric | frames/s |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in ev["frames_per_s"].items()] + [""]
     (out / "bench.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return results

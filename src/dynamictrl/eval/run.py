@@ -29,8 +29,8 @@ NOT_YET = {
     "fid": "not computed: no weights for pt_inception (FID backbone loader not implemented yet)",
     "fid_vid": "not computed: no weights for the 3D ResNet-50 Kinetics backbone (loader not implemented yet)",
     "fvd": "not computed: no weights for I3D-400 (loader not implemented yet)",
-    "clip_consistency": "not computed: no CLIP weights configured",
-    "clip_alignment": "not computed: no CLIP weights configured",
+    "clip_consistency": "not computed: no CLIP weights configured (metrics.clip)",
+    "clip_alignment": "not computed: no CLIP weights configured (metrics.clip)",
 }
 
 
@@ -63,7 +63,8 @@ def pair(generated: Path, reference: Path) -> list[tuple[str, Path, Path]]:
 
 
 def score(generated: str | Path, reference: str | Path, progress: bool = True, protocol: str = "disco",
-          lpips_model=None, pose_backend=None, side_by_side: Path | None = None) -> dict[str, Any]:  # fmt: skip
+          lpips_model=None, pose_backend=None, side_by_side: Path | None = None,
+          clip_scorer=None) -> dict[str, Any]:  # fmt: skip
     """Per-video and overall (mean over all frames) metrics."""
     if protocol not in PROTOCOLS:
         raise UserError(f"protocol={protocol}: choose one of {sorted(PROTOCOLS)}")
@@ -94,6 +95,14 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
             pose_hits["pck"].append(acc["pck"] * acc["keypoints"])
             pose_hits["mean_distance"].append(acc["mean_distance"])
             pose_hits["keypoints"] += acc["keypoints"]
+        if clip_scorer is not None:
+            from dynamictrl.eval import clip_metrics
+
+            emb = clip_scorer.image_embeds(gen)
+            per_video[name]["clip_consistency"] = clip_metrics.consistency(emb)
+            prompt = clip_metrics.prompt_for(g)
+            if prompt:
+                per_video[name]["clip_alignment"] = clip_metrics.alignment(emb, clip_scorer.text_embed(prompt))
         for k in names:
             all_frames[k] += m[k]
         if side_by_side is not None:
@@ -107,6 +116,10 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
         overall["pose_pck"] = sum(pose_hits["pck"]) / max(pose_hits["keypoints"], 1)
         overall["pose_mean_distance"] = float(np.nanmean(pose_hits["mean_distance"]))
     overall |= NOT_YET
+    if clip_scorer is not None:
+        for k in ("clip_consistency", "clip_alignment"):
+            vals = [v[k] for v in per_video.values() if k in v]
+            overall[k] = float(np.mean(vals)) if vals else "not computed: no prompts (NAME.json or NAME.txt) beside the videos"
     return {**overall, "protocol": PROTOCOLS[protocol], "videos": len(per_video),
             "frames": len(all_frames["l1"]), "per_video": per_video}  # fmt: skip
 
@@ -123,7 +136,8 @@ def write_plots(result: dict[str, Any], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = list(result["per_video"])
-    metrics = [k for k in (*METRICS, "lpips", "pose_pck") if isinstance(result.get(k), float)]
+    metrics = [k for k in (*METRICS, "lpips", "pose_pck", "clip_consistency", "clip_alignment")
+               if isinstance(result.get(k), float)]  # fmt: skip
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
     for ax, k in zip(axes[0], metrics, strict=True):
         ax.bar(range(len(names)), [result["per_video"][n].get(k, np.nan) for n in names], color="tab:blue")
@@ -152,12 +166,13 @@ def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", d
     """metrics.json, metrics.csv, report.md and the plots in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    cols = [k for k in (*METRICS, "lpips", "pose_pck", "pose_mean_distance") if isinstance(result.get(k), float)]
+    cols = [k for k in (*METRICS, "lpips", "pose_pck", "pose_mean_distance", "clip_consistency", "clip_alignment")
+            if isinstance(result.get(k), float)]  # fmt: skip
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["video", *cols, "frames"])
         for name, m in result["per_video"].items():
-            w.writerow([name, *(f"{m[k]:.6g}" for k in cols), m["frames"]])
+            w.writerow([name, *(f"{m.get(k, float('nan')):.6g}" for k in cols), m["frames"]])
     proto = result["protocol"]
     lines = [f"# {title}", "", f"{result['videos']} videos, {result['frames']} frames, protocol `{proto['name']}`.", "",
              "| metric | value | definition |", "|---|---|---|"]  # fmt: skip
@@ -179,7 +194,7 @@ def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", d
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Per video", "", "| video | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in result["per_video"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m[k]) for k in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in cols) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -195,6 +210,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if not path.is_file():
             raise UserError(f"metrics.lpips_backbone_weights={path}: no such file")
         lpips_model = build(cfg.metrics.get("lpips_net", "vgg"), path)
+    scorer = None
+    if cfg.metrics.get("clip"):
+        from dynamictrl.eval.clip_metrics import ClipScorer
+
+        if not (Path(cfg.metrics.clip) / "config.json").is_file():
+            raise UserError(f"metrics.clip={cfg.metrics.clip}: not a CLIP model folder (no config.json)")
+        scorer = ClipScorer(cfg.metrics.clip)
     backend = None
     if cfg.metrics.get("pose_accuracy"):
         from hydra.utils import instantiate
@@ -202,7 +224,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         backend = instantiate(cfg.pose)
     out = Path(cfg.output)
     result = score(cfg.generated, cfg.reference, cfg.get("progress", True), cfg.get("protocol") or cfg.metrics.protocol, lpips_model,
-                   backend, out / "side_by_side" if cfg.get("side_by_side", True) else None)  # fmt: skip
+                   backend, out / "side_by_side" if cfg.get("side_by_side", True) else None, scorer)  # fmt: skip
     write_report(result, out, dataset=cfg.get("dataset_name", "tiktok"))
     print(f"eval: L1 {result['l1']:.3e}  SSIM {result['ssim']:.3f}  PSNR {result['psnr']:.2f}  "
           f"PSNR* {result['psnr_star']:.2f} (protocol {result['protocol']['name']}) -> {out}/report.md")
