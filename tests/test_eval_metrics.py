@@ -146,3 +146,16 @@ def test_clip_metrics_through_a_saved_clip(tmp_path):
     (tmp_path / "gen" / "v.json").write_text(json.dumps({"prompt_used": "a dancer"}))
     result = score(tmp_path / "gen", tmp_path / "ref", progress=False, clip_scorer=scorer)
     assert isinstance(result["clip_consistency"], float) and isinstance(result["clip_alignment"], float)
+
+
+def test_pose_accuracy_of_a_real_video_against_its_own_poses_is_one(tmp_path):
+    from skimage.data import astronaut
+
+    from dynamictrl.pose.mediapipe_backend import MediaPipeHolistic
+
+    img = astronaut()[::2, ::2]
+    frames = np.stack([np.roll(img, 4 * i, axis=1) for i in range(5)])
+    write_video(tmp_path / "gen" / "v.mp4", frames, 8)
+    write_video(tmp_path / "ref" / "v.mp4", frames, 8)
+    result = score(tmp_path / "gen", tmp_path / "ref", progress=False, pose_backend=MediaPipeHolistic())
+    assert result["pose_pck"] == 1.0 and result["per_video"]["v"]["pose_pck"] == 1.0

@@ -77,10 +77,10 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
         if len(gen) != len(ref):
             raise UserError(f"{name}: {len(gen)} generated frames but {len(ref)} reference frames")
         m = video_metrics(gen, ref, protocol)
+        matched = np.stack([_match(a, b) for a, b in zip(gen, ref, strict=True)])  # generated at the real size
         if lpips_model is not None:
             from dynamictrl.eval.lpips_metric import lpips_frames
 
-            matched = np.stack([_match(a, b) for a, b in zip(gen, ref, strict=True)])
             m["lpips"] = lpips_frames(lpips_model, matched, ref, normalize=protocol == "clean")
         per_video[name] = {k: float(np.mean(v)) for k, v in m.items()} | {"frames": len(gen), "per_frame": m}
         if pose_backend is not None:
@@ -88,8 +88,7 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
             from dynamictrl.eval.pose_accuracy import pck
 
             target = extract_poses(ref, pose_backend, desc=f"poses {name} (reference)", progress=False)
-            found = extract_poses(np.stack([_match(a, b) for a, b in zip(gen, ref, strict=True)]), pose_backend,
-                                  desc=f"poses {name} (generated)", progress=False)  # fmt: skip
+            found = extract_poses(matched, pose_backend, desc=f"poses {name} (generated)", progress=False)
             acc = pck(found, target)
             per_video[name] |= {"pose_pck": acc["pck"], "pose_mean_distance": acc["mean_distance"]}
             pose_hits["pck"].append(acc["pck"] * acc["keypoints"])
@@ -108,7 +107,7 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
         if side_by_side is not None:
             from dynamictrl.animate.run import side_by_side as stack
 
-            write_video(side_by_side / f"{name}.mp4", stack(np.stack([_match(a, b) for a, b in zip(gen, ref, strict=True)]), ref), fps or 8)
+            write_video(side_by_side / f"{name}.mp4", stack(matched, ref), fps or 8)
     overall: dict[str, Any] = {k: float(np.mean(v)) for k, v in all_frames.items()}
     if lpips_model is None:
         overall["lpips"] = "not computed: no weights for the LPIPS VGG backbone (metrics.lpips.backbone_weights)"
