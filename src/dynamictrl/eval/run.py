@@ -110,7 +110,7 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
             write_video(side_by_side / f"{name}.mp4", stack(matched, ref), fps or 8)
     overall: dict[str, Any] = {k: float(np.mean(v)) for k, v in all_frames.items()}
     if lpips_model is None:
-        overall["lpips"] = "not computed: no weights for the LPIPS VGG backbone (metrics.lpips.backbone_weights)"
+        overall["lpips"] = "not computed: no weights for the LPIPS VGG backbone (metrics.lpips_backbone_weights)"
     if pose_backend is not None:
         overall["pose_pck"] = sum(pose_hits["pck"]) / max(pose_hits["keypoints"], 1)
         overall["pose_mean_distance"] = float(np.nanmean(pose_hits["mean_distance"]))
@@ -124,7 +124,8 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else ("—" if v is None else str(v))
+    text = f"{v:.4g}" if isinstance(v, float) else ("—" if v is None else str(v))
+    return text.replace("|", "\\|")  # a literal | would split a markdown table cell
 
 
 def write_plots(result: dict[str, Any], out: Path) -> list[str]:
@@ -177,7 +178,7 @@ def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", d
              "| metric | value | definition |", "|---|---|---|"]  # fmt: skip
     for k in (*METRICS, "lpips", "pose_pck", "fid", "fid_vid", "fvd", "clip_consistency", "clip_alignment"):
         if k in result:
-            lines.append(f"| {k} | {_fmt(result[k])} | {proto.get(k, 'see dynamictrl.eval')} |")
+            lines.append(f"| {k} | {_fmt(result[k])} | {_fmt(proto.get(k, 'see dynamictrl.eval'))} |")
     lines += ["", "Pairing: " + proto["pairing"] + ".", "",
               f"## Beside the paper's Table 2 ({dataset})", "",
               "L1 in E-04 units as published. Only figures computed under the same protocol are comparable.", "",
