@@ -66,6 +66,9 @@ def test_pose_backend_instantiates():
 def test_debug_overlay_and_other_apps_compose():
     assert config.load("train", ["debug=default", "data.train_shards=x"]).trainer.max_steps == 2
     assert config.load("eval", ["generated=a", "reference=b", "output=c"]).metrics.protocol == "disco"
+    # eval's config has its own folder so that model=PATH is a value, not a choice of conf/model
+    ev = config.load("eval", ["dataset=tiktok", "data_root=d", "model=/some/folder", "output=c", "metrics=clean"])
+    assert ev.model == "/some/folder" and ev.metrics.protocol == "clean" and ev.metrics.fvd_weights is None
     assert config.load("demo").eval_clips > 0
     from hydra import compose, initialize_config_dir
 
@@ -75,6 +78,6 @@ def test_debug_overlay_and_other_apps_compose():
 
 
 def test_every_yaml_is_covered():
-    covered = {"train", "preprocess", "eval", "demo"} | {f"{g}/{n}" for g in ("trainer", "experiment", "model", "clip", "pose", "debug", "metrics") for n in group(g)} | {"animate/animate", "mask/sidecar_or_pose", "caption/sidecar", "data/shards"}
+    covered = {"train", "preprocess", "eval", "demo"} | {f"{g}/{n}" for g in ("trainer", "experiment", "model", "clip", "pose", "debug", "eval/metrics") for n in group(g)} | {"animate/animate", "eval/eval", "mask/sidecar_or_pose", "caption/sidecar", "data/shards"}
     shipped = {str(p.relative_to(CONF).with_suffix("")) for p in Path(CONF).rglob("*.yaml")}
     assert shipped <= covered, shipped - covered

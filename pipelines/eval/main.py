@@ -7,7 +7,7 @@ from dynamictrl.errors import user_errors
 from dynamictrl.eval.run import run
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path="../../conf/eval", config_name="eval")
 def main(cfg: DictConfig) -> None:
     with user_errors("eval"):
         run(cfg)

@@ -15,13 +15,18 @@ def conf_dir() -> Path:
 
 
 def load(name: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose `conf/<name>.yaml` with Hydra overrides, as the command line would.
+    """Compose `conf/<name>.yaml`, or `conf/<name>/<name>.yaml` for the apps whose config has a
+    folder of its own (animate, eval), with Hydra overrides, as the command line would.
 
     Inside a running Hydra app (whose search path is conf/) the app's Hydra instance is used.
     """
     from hydra.core.global_hydra import GlobalHydra
 
-    if GlobalHydra.instance().is_initialized():
+    own_folder = (conf_dir() / name / f"{name}.yaml").is_file()
+    if GlobalHydra.instance().is_initialized() and not own_folder:
         return compose(config_name=name, overrides=overrides or [])
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+    if GlobalHydra.instance().is_initialized():
+        raise RuntimeError(f"config {name} has its own folder; compose it outside a running Hydra app")
+    folder = conf_dir() / name if own_folder else conf_dir()
+    with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
         return compose(config_name=name, overrides=overrides or [])

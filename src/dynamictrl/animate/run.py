@@ -176,7 +176,9 @@ def caption_for(image_path: Path) -> str | None:
     return side.read_text().strip() or None if side.is_file() else None
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -> dict[str, Any]:
+    """Animate one picture. `pipe` and the pose `backend` may be passed in loaded, so that a caller
+    animating many videos (eval's dataset mode) loads each model once."""
     usage = "make animate ARGS=\"image=PATH (pose=PATH | driving=PATH) prompt='...' output=PATH.mp4\""
     for key in ("image", "output"):
         if not cfg.get(key):
@@ -194,13 +196,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"no prompt: give prompt='...' or put a caption in {image_path.with_suffix('.txt')} "
                         f"(caption models come with the caption backends)")  # fmt: skip
 
-    pipe = load_pipeline(cfg.get("model"))
+    pipe = pipe or load_pipeline(cfg.get("model"))
     defaults = model_defaults(pipe)
     height, width = choose_size(image, cfg.get("buckets") or defaults.get("buckets") or OFFICIAL_BUCKETS)
     height, width = int(cfg.get("height") or height), int(cfg.get("width") or width)
     clip_frames = int(cfg.clip_frames or defaults.get("clip_frames") or pipe.transformer.config.sample_frames)
     ref = fit(image, height, width)
-    backend = instantiate(cfg.pose_backend)
+    own_backend = backend is None
+    backend = instantiate(cfg.pose_backend) if own_backend else backend
     backend.reset()
     ref_k, ref_mask = backend(ref)
     if not L.body_detected(ref_k[None])[0]:
@@ -220,7 +223,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         px = np.array([width, height, 1.0], np.float32)
         kpts = retarget(kpts * px, ref_k * px) / px
     pose = render_video(kpts, height, width) if kpts is not None else np.stack([fit(f, height, width) for f in frames])
-    backend.close()
+    if own_backend:
+        backend.close()
 
     n = int(cfg.num_frames or len(pose))
     if len(pose) < n:  # hold the last driving pose

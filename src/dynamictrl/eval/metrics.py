@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import structural_similarity
 
+from dynamictrl.eval.distribution import describe
+
 DISCO = {
     "name": "disco",
     "pairing": "frame index; generated resized to the real frame size with PIL bicubic",
@@ -32,6 +34,8 @@ CLEAN = {
     "ssim": "skimage structural_similarity on RGB, Gaussian window sigma 1.5, population covariance (Wang et al.)",
     "lpips": "lpips VGG, inputs mapped to [-1,1] (normalize=True)",
 }
+DISCO |= describe("disco")
+CLEAN |= describe("clean")
 PROTOCOLS = {"disco": DISCO, "clean": CLEAN}
 PROTOCOL = DISCO
 

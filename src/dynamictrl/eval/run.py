@@ -25,14 +25,14 @@ from dynamictrl.eval.metrics import PROTOCOLS, _match, video_metrics
 from dynamictrl.utils.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_any, write_video
 
 METRICS = ("l1", "ssim", "psnr", "psnr_star")
-NOT_YET = {
-    "fid": "not computed: no weights for pt_inception (FID backbone loader not implemented yet)",
-    "fid_vid": "not computed: no weights for the 3D ResNet-50 Kinetics backbone (loader not implemented yet)",
-    "fvd": "not computed: no weights for I3D-400 (loader not implemented yet)",
+NOT_COMPUTED = {
+    "fid": "not computed: no weights for pt_inception (metrics.fid_weights)",
+    "fid_vid": "not computed: no weights for the 3D ResNet-50 Kinetics backbone (metrics.fid_vid_weights)",
+    "fvd": "not computed: no weights for I3D-400 (metrics.fvd_weights)",
     "clip_consistency": "not computed: no CLIP weights configured (metrics.clip)",
     "clip_alignment": "not computed: no CLIP weights configured (metrics.clip)",
 }
-
+DISTRIBUTION = ("fid", "fid_vid", "fvd")
 
 def entries(folder: Path) -> dict[str, Path]:
     """name -> path for each video file or frame folder in `folder`."""
@@ -64,13 +64,16 @@ def pair(generated: Path, reference: Path) -> list[tuple[str, Path, Path]]:
 
 def score(generated: str | Path, reference: str | Path, progress: bool = True, protocol: str = "disco",
           lpips_model=None, pose_backend=None, side_by_side: Path | None = None,
-          clip_scorer=None) -> dict[str, Any]:  # fmt: skip
-    """Per-video and overall (mean over all frames) metrics."""
+          clip_scorer=None, backbones: dict | None = None) -> dict[str, Any]:  # fmt: skip
+    """Per-video and overall (mean over all frames) metrics; FID, FID-VID and FVD over the whole set
+    for each backbone in `backbones` ({"fid"|"fid_vid"|"fvd": network}, see `dynamictrl.eval.backbones`)."""
     if protocol not in PROTOCOLS:
         raise UserError(f"protocol={protocol}: choose one of {sorted(PROTOCOLS)}")
     names = list(METRICS) + (["lpips"] if lpips_model is not None else [])
     per_video, all_frames = {}, {k: [] for k in names}
     pose_hits = {"pck": [], "mean_distance": [], "keypoints": 0}
+    backbones = backbones or {}
+    feats: dict[str, tuple[list, list]] = {k: ([], []) for k in backbones}
     for name, g, r in tqdm(pair(Path(generated), Path(reference)), desc="eval", disable=not progress):
         gen, _ = read_any(g)
         ref, fps = read_any(r)
@@ -102,6 +105,9 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
             prompt = clip_metrics.prompt_for(g)
             if prompt:
                 per_video[name]["clip_alignment"] = clip_metrics.alignment(emb, clip_scorer.text_embed(prompt))
+        for k, net in backbones.items():
+            feats[k][0].append(_features(k, net, matched, protocol))
+            feats[k][1].append(_features(k, net, ref, protocol))
         for k in names:
             all_frames[k] += m[k]
         if side_by_side is not None:
@@ -114,13 +120,31 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
     if pose_backend is not None:
         overall["pose_pck"] = sum(pose_hits["pck"]) / max(pose_hits["keypoints"], 1)
         overall["pose_mean_distance"] = float(np.nanmean(pose_hits["mean_distance"]))
-    overall |= NOT_YET
+    overall |= {k: v for k, v in NOT_COMPUTED.items() if k not in backbones}
+    for k, (gen_feats, ref_feats) in feats.items():
+        overall[k] = _frechet(np.concatenate(gen_feats), np.concatenate(ref_feats))
     if clip_scorer is not None:
         for k in ("clip_consistency", "clip_alignment"):
             vals = [v[k] for v in per_video.values() if k in v]
             overall[k] = float(np.mean(vals)) if vals else "not computed: no prompts (NAME.json or NAME.txt) beside the videos"
     return {**overall, "protocol": PROTOCOLS[protocol], "videos": len(per_video),
             "frames": len(all_frames["l1"]), "per_video": per_video}  # fmt: skip
+
+
+def _features(metric: str, net, frames: np.ndarray, protocol: str) -> np.ndarray:
+    from dynamictrl.eval import distribution as D
+
+    if metric == "fid":
+        return D.frame_features(net, frames, crop=protocol != "disco")
+    return D.clip_features(net, frames, D.clip_protocol(metric, protocol))
+
+
+def _frechet(gen: np.ndarray, ref: np.ndarray) -> float | str:
+    from dynamictrl.eval.frechet import frechet_from_features
+
+    if min(len(gen), len(ref)) < 2:
+        return f"not computed: {min(len(gen), len(ref))} feature vector(s), a Fréchet distance needs at least 2"
+    return frechet_from_features(gen, ref)
 
 
 def _fmt(v: Any) -> str:
@@ -198,10 +222,50 @@ def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", d
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def load_backbones(metrics: DictConfig) -> dict[str, Any]:
+    """The FID / FID-VID / FVD networks whose weight files are configured, on the GPU when there is one."""
+    import torch
+
+    from dynamictrl.eval import backbones as B
+
+    builders = {"fid": (B.build_inception, "fid_weights"), "fid_vid": (B.build_resnet3d, "fid_vid_weights"),
+                "fvd": (B.build_i3d, "fvd_weights")}  # fmt: skip
+    device = metrics.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return {k: build(metrics[key]).to(device) for k, (build, key) in builders.items() if metrics.get(key)}
+
+
+def generate_dataset(cfg: DictConfig) -> tuple[Path, Path, bool]:
+    """Dataset mode: animate this rank's test videos; returns (generated, reference, score now?)."""
+    from dynamictrl.eval import datasets
+
+    if not cfg.get("data_root"):
+        raise UserError(f'data_root is not set: make eval ARGS="dataset={cfg.dataset} data_root=DIR output=DIR"')
+    out = Path(cfg.output)
+    videos = datasets.test_videos(cfg.dataset, cfg.data_root, list(cfg.videos) if cfg.get("videos") else None)
+    for v in videos:
+        datasets.link_reference(v, out / "reference")
+    stats = datasets.generate(cfg, videos, out)
+    _, world = datasets.rank_and_world(cfg)
+    print(f"eval: {stats['generated']} generated, {stats['done_before']} done before, "
+          f"{stats['this_rank']} of {stats['videos']} test videos on this rank -> {out / 'generated'}")  # fmt: skip
+    ready = cfg.get("score") if cfg.get("score") is not None else world == 1
+    return out / "generated", out / "reference", bool(ready)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    for key in ("generated", "reference", "output"):
-        if not cfg.get(key):
-            raise UserError(f'{key} is not set: make eval ARGS="generated=DIR reference=DIR output=DIR"')
+    if not cfg.get("output"):
+        raise UserError('output is not set: make eval ARGS="generated=DIR reference=DIR output=DIR"')
+    generated, reference = cfg.get("generated"), cfg.get("reference")
+    if cfg.get("dataset"):
+        generated, reference, ready = generate_dataset(cfg)
+        if not ready:
+            print("eval: generation split across ranks; score once all ranks are done: the same command "
+                  "without rank/world_size (finished videos are skipped)")  # fmt: skip
+            return {"generated": str(generated), "scored": False}
+    for key, value in (("generated", generated), ("reference", reference)):
+        if not value:
+            raise UserError(f'{key} is not set: make eval ARGS="generated=DIR reference=DIR output=DIR" '
+                            f'or ARGS="dataset=tiktok|unseen100 data_root=DIR output=DIR"')  # fmt: skip
     lpips_model = None
     if cfg.metrics.get("lpips_backbone_weights"):
         from dynamictrl.eval.lpips_metric import build
@@ -221,11 +285,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.metrics.get("pose_accuracy"):
         from hydra.utils import instantiate
 
-        backend = instantiate(cfg.pose)
+        backend = instantiate(cfg.pose_backend)
     out = Path(cfg.output)
-    result = score(cfg.generated, cfg.reference, cfg.get("progress", True), cfg.get("protocol") or cfg.metrics.protocol, lpips_model,
-                   backend, out / "side_by_side" if cfg.get("side_by_side", True) else None, scorer)  # fmt: skip
-    write_report(result, out, dataset=cfg.get("dataset_name", "tiktok"))
+    result = score(generated, reference, cfg.get("progress", True), cfg.get("protocol") or cfg.metrics.protocol, lpips_model,
+                   backend, out / "side_by_side" if cfg.get("side_by_side", True) else None, scorer,
+                   load_backbones(cfg.metrics))  # fmt: skip
+    write_report(result, out, dataset=cfg.get("dataset_name") or cfg.get("dataset") or "tiktok")
     print(f"eval: L1 {result['l1']:.3e}  SSIM {result['ssim']:.3f}  PSNR {result['psnr']:.2f}  "
           f"PSNR* {result['psnr_star']:.2f} (protocol {result['protocol']['name']}) -> {out}/report.md")
     return result

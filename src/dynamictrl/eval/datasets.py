@@ -1,0 +1,159 @@
+"""Benchmark datasets and their generation through the animate stage (generate, then score).
+
+- `tiktok`: the TikTok dataset's folder layout, one folder of frames per video
+  (`NNNNN/images/*.png`, optional `caption.txt`, `meta.json` with `fps`). Videos 1-334 train, 335-339
+  are the test set (`range(335, 340)`, as DisCo and the papers after it evaluate). Folders whose
+  names are not numbers (our synthetic data) are taken from `DATA_ROOT/test/`.
+- `unseen100`: a folder of videos (`NAME.mp4`, optional caption `NAME.txt`), every one a test video.
+
+Each test video is animated from its own first frame, driven by its own frames (poses extracted and
+aligned by the animate stage), with its caption as the prompt, to exactly its own frame count. The
+generated videos go to `OUTPUT/generated/NAME.mp4` (with the animate stage's NAME.json of settings),
+and `OUTPUT/reference/NAME` links to the ground truth, so scoring pairs them by name.
+Generation is resumable (a video with its NAME.json is done) and split by rank: rank r of N takes
+videos r, r+N, ... (`rank`/`world_size`, else SLURM array or torchrun variables).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dynamictrl import config
+from dynamictrl.errors import UserError
+from dynamictrl.utils.video import VIDEO_SUFFIXES, read_any, write_video
+
+TIKTOK_TEST = range(335, 340)
+
+
+@dataclass(frozen=True)
+class TestVideo:
+    name: str
+    source: Path  # a frame folder or a video file: the ground truth and the driving video
+    caption: str | None
+
+
+def _caption(*candidates: Path) -> str | None:
+    for c in candidates:
+        if c.is_file() and c.read_text().strip():
+            return c.read_text().strip()
+    return None
+
+
+def tiktok(root: Path, ids: list[int] | None = None) -> list[TestVideo]:
+    """The TikTok test videos under `root` (numbered folders `ids`, default 335-339)."""
+    numbered = {int(p.name): p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / "images").is_dir()}
+    if numbered:
+        wanted = list(ids) if ids else list(TIKTOK_TEST)
+        missing = [i for i in wanted if i not in numbered]
+        if missing:
+            raise UserError(f"data_root={root}: TikTok test videos {missing} not found (numbered folders with images/)")
+        folders = [numbered[i] for i in wanted]
+    else:
+        test = root / "test"
+        folders = sorted(p for p in test.iterdir() if (p / "images").is_dir()) if test.is_dir() else []
+        if not folders:
+            raise UserError(f"data_root={root}: neither numbered TikTok folders (00335/images/...) nor test/*/images/")
+    return [TestVideo(f.name, f, _caption(f / "caption.txt")) for f in folders]
+
+
+def unseen100(root: Path) -> list[TestVideo]:
+    """Every video file in `root` (captions from NAME.txt)."""
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    if not files:
+        raise UserError(f"data_root={root}: no video files")
+    return [TestVideo(p.stem, p, _caption(p.with_suffix(".txt"))) for p in files]
+
+
+def test_videos(dataset: str, root: str | Path, ids: list[int] | None = None) -> list[TestVideo]:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data_root={root}: no such folder")
+    if dataset == "tiktok":
+        return tiktok(root, ids)
+    if dataset == "unseen100":
+        return unseen100(root)
+    raise UserError(f"dataset={dataset}: choose tiktok or unseen100")
+
+
+def rank_and_world(cfg: DictConfig) -> tuple[int, int]:
+    """rank/world_size from config, else SLURM array or torchrun variables, else 0/1."""
+    if cfg.get("rank") is not None and cfg.get("world_size") is not None:
+        rank, world = int(cfg.rank), int(cfg.world_size)
+    elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        rank = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        world = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    else:
+        rank, world = 0, 1
+    if not 0 <= rank < world:
+        raise UserError(f"rank {rank} is outside world_size {world}")
+    return rank, world
+
+
+def _safe_name(name: str) -> str:
+    """A file name that stays inside its folder (names come from the data)."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")
+    return clean or "video"
+
+
+def link_reference(video: TestVideo, folder: Path) -> Path:
+    """OUTPUT/reference/NAME(.ext) -> the ground truth, so that scoring pairs it by name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / (_safe_name(video.name) + ("" if video.source.is_dir() else video.source.suffix.lower()))
+    if not link.is_symlink():
+        link.symlink_to(video.source.resolve(), target_is_directory=video.source.is_dir())
+    return link
+
+
+def generate(cfg: DictConfig, videos: list[TestVideo], out: Path) -> dict[str, int]:
+    """Animate this rank's share of `videos` into OUTPUT/generated; the models load once."""
+    from hydra.utils import instantiate
+
+    from dynamictrl.animate.run import load_pipeline
+    from dynamictrl.animate.run import run as animate_run
+
+    rank, world = rank_and_world(cfg)
+    mine = videos[rank::world]
+    todo = [v for v in mine if not (out / "generated" / f"{_safe_name(v.name)}.json").is_file()]
+    stats = {"videos": len(videos), "this_rank": len(mine), "done_before": len(mine) - len(todo), "generated": 0}
+    if not todo:
+        return stats
+    pipe = load_pipeline(cfg.get("model"))
+    # animate's config has no defaults list: read as a plain YAML, it also loads inside eval's Hydra app
+    base = OmegaConf.load(config.conf_dir() / "animate" / "animate.yaml")
+    base.pop("hydra", None)
+    base.merge_with(OmegaConf.from_dotlist(list(cfg.get("animate_overrides") or [])))
+    backend = instantiate(base.pose_backend)
+    try:
+        for v in tqdm(todo, desc=f"generate (rank {rank}/{world})", unit="video", disable=not cfg.get("progress", True)):
+            frames, fps = read_any(v.source)
+            fps = float(fps or cfg.get("default_fps") or 30)
+            name = _safe_name(v.name)
+            inputs = out / "inputs"
+            inputs.mkdir(parents=True, exist_ok=True)
+            image = inputs / f"{name}.png"
+            Image.fromarray(frames[0]).save(image)
+            driving = write_video(inputs / f"{name}.mp4", frames, fps, crf=10)
+            prompt = v.caption or cfg.get("default_prompt")
+            if not prompt:
+                raise UserError(f"{v.source}: no caption (caption.txt / NAME.txt) and no default_prompt")
+            anim = base.copy()
+            anim.image, anim.driving, anim.prompt = str(image), str(driving), prompt
+            anim.output, anim.num_frames, anim.fps = str(out / "generated" / f"{name}.mp4"), len(frames), fps
+            anim.progress = False
+            result = animate_run(anim, pipe=pipe, backend=backend)
+            side = out / "animate_side_by_side" / f"{name}.mp4"  # out of generated/, which is scored by name
+            side.parent.mkdir(exist_ok=True)
+            Path(result["side_by_side"]).replace(side)
+            stats["generated"] += 1
+    finally:
+        backend.close()
+    return stats
