@@ -39,6 +39,28 @@ def test_frame_metrics_match_independent_computation(seed):
         assert ours[k] == pytest.approx(ref[k], rel=1e-3), k
 
 
+def perturbed_real_frames():
+    """A real photo (scikit-image's astronaut) and copies of it that a generator might produce."""
+    import cv2
+    from skimage.data import astronaut
+
+    real = cv2.resize(astronaut(), (160, 192), interpolation=cv2.INTER_AREA)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(real + rng.normal(0, 12, real.shape), 0, 255).astype(np.uint8)
+    blurred = cv2.GaussianBlur(real, (7, 7), 2.0)
+    shifted = np.roll(real, (3, -2), axis=(0, 1))
+    _, jpg = cv2.imencode(".jpg", real, [cv2.IMWRITE_JPEG_QUALITY, 20])
+    return real, {"noise": noisy, "blur": blurred, "shift": shifted, "jpeg": cv2.imdecode(jpg, cv2.IMREAD_UNCHANGED)}
+
+
+@pytest.mark.parametrize("kind", ["noise", "blur", "shift", "jpeg"])
+def test_frame_metrics_on_real_frames_match_independent_computation(kind):
+    real, copies = perturbed_real_frames()
+    ours, ref = frame_metrics(copies[kind], real), reference(copies[kind], real)
+    for k in ref:
+        assert ours[k] == pytest.approx(ref[k], rel=1e-3), k
+
+
 def test_overflow_psnr_never_falls_below_24_db_but_psnr_star_does():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)

@@ -83,19 +83,29 @@ def bench_eval(frames: int = 32, size: tuple[int, int] = (256, 256)) -> dict:
 
     real = make_video(0, frames, *size, 8.0)["frames"]
     gen = np.clip(real.astype(int) + np.random.default_rng(0).integers(-20, 20, real.shape), 0, 255).astype(np.uint8)
-    lp = build("vgg", random_backbone=True)
+    from dynamictrl.eval import backbones as B
+    from dynamictrl.eval import distribution as D
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lp = build("vgg", random_backbone=True).to(device)
+    # random-init networks of the published architectures: the same cost as with their real weights
+    inception, r3d, i3d = (nn.eval().to(device) for nn in (B.random_inception(), B.ResNet3D50(), B.InceptionI3D()))
     jobs = {
         "frame metrics (disco)": lambda: video_metrics(gen, real, "disco"),
         "frame metrics (clean)": lambda: video_metrics(gen, real, "clean"),
         "lpips vgg": lambda: lpips_frames(lp, gen, real, normalize=False),
         "pose re-extraction (mediapipe)": lambda: extract_poses(gen, MediaPipeHolistic(), progress=False),
+        "fid features (inception)": lambda: D.frame_features(inception, gen),
+        "fid-vid features (3d resnet-50, disco clips)": lambda: D.clip_features(r3d, gen, D.clip_protocol("fid_vid", "disco")),
+        "fvd features (i3d, disco clips)": lambda: D.clip_features(i3d, gen, D.clip_protocol("fvd", "disco")),
+        "fvd features (i3d, clean clips)": lambda: D.clip_features(i3d, gen, D.clip_protocol("fvd", "clean")),
     }
     out = {}
     for name, job in jobs.items():
         start = time.perf_counter()
         job()
         out[name] = frames / (time.perf_counter() - start)
-    return {"frames": frames, "size": list(size), "frames_per_s": out}
+    return {"frames": frames, "size": list(size), "device": device, "frames_per_s": out}
 
 
 def run(output: str | Path = "outputs/bench") -> dict:
@@ -119,7 +129,7 @@ def run(output: str | Path = "outputs/bench") -> dict:
         lines += ["", f"PadaLN / cross-attention step time: {r['padaln_vs_cross_attn']:.2f}", ""]
     lines += ["## Parameters at 5B (CogVideoX1.5-5B-I2V base)", "", format_rows(results["param_overhead_5b"]), ""]
     ev = results["eval"]
-    lines += [f"## Eval metrics ({ev['frames']} frames at {ev['size'][0]}x{ev['size'][1]}, CPU)", "",
+    lines += [f"## Eval metrics ({ev['frames']} frames at {ev['size'][0]}x{ev['size'][1]}, {ev['device']})", "",
               "| metric | frames/s |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in ev["frames_per_s"].items()] + [""]
     (out / "bench.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -60,14 +60,18 @@ def build_inception(weights: str | Path) -> nn.Module:
     Input: (N, 3, H, W) in [0, 1]; it resizes to 299x299 (bilinear) and scales to [-1, 1] itself.
     Output: (N, 2048).
     """
+    try:
+        return _fid_inception(load_weights(weights, "FID Inception"))
+    except RuntimeError as err:  # load_state_dict's missing/unexpected keys
+        raise UserError(f"FID Inception weights {weights}: keys or shapes do not match pytorch-fid's "
+                        f"pt_inception network ({str(err).splitlines()[1].strip()[:120]})") from None
+
+
+def _fid_inception(state: dict[str, torch.Tensor]) -> nn.Module:
     from pytorch_fid import inception
 
-    state = load_weights(weights, "FID Inception")
     with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: state):
-        try:
-            net = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], use_fid_inception=True)
-        except RuntimeError as err:
-            raise UserError(f"FID Inception weights {weights}: {str(err).splitlines()[0]}") from None
+        net = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], use_fid_inception=True)
     return _PooledInception(net.eval().requires_grad_(False))
 
 
@@ -95,6 +99,11 @@ def random_inception_state() -> dict[str, torch.Tensor]:
     net.Mixed_7b = inception.FIDInceptionE_1(1280)
     net.Mixed_7c = inception.FIDInceptionE_2(2048)
     return net.state_dict()
+
+
+def random_inception() -> nn.Module:
+    """The FID Inception with random weights (benchmarks): same graph, same cost."""
+    return _fid_inception(random_inception_state())
 
 
 # --- FID-VID: 3D ResNet-50 ---------------------------------------------------------------------

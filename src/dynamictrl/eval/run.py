@@ -222,15 +222,21 @@ def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", d
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def metric_device(metrics: DictConfig) -> str:
+    """`metrics.device`, else the GPU when there is one: every network metric runs batched there."""
+    import torch
+
+    return metrics.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_backbones(metrics: DictConfig) -> dict[str, Any]:
     """The FID / FID-VID / FVD networks whose weight files are configured, on the GPU when there is one."""
-    import torch
 
     from dynamictrl.eval import backbones as B
 
     builders = {"fid": (B.build_inception, "fid_weights"), "fid_vid": (B.build_resnet3d, "fid_vid_weights"),
                 "fvd": (B.build_i3d, "fvd_weights")}  # fmt: skip
-    device = metrics.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = metric_device(metrics)
     return {k: build(metrics[key]).to(device) for k, (build, key) in builders.items() if metrics.get(key)}
 
 
@@ -273,14 +279,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         path = Path(cfg.metrics.lpips_backbone_weights)
         if not path.is_file():
             raise UserError(f"metrics.lpips_backbone_weights={path}: no such file")
-        lpips_model = build(cfg.metrics.get("lpips_net", "vgg"), path)
+        lpips_model = build(cfg.metrics.get("lpips_net", "vgg"), path).to(metric_device(cfg.metrics))
     scorer = None
     if cfg.metrics.get("clip"):
         from dynamictrl.eval.clip_metrics import ClipScorer
 
         if not (Path(cfg.metrics.clip) / "config.json").is_file():
             raise UserError(f"metrics.clip={cfg.metrics.clip}: not a CLIP model folder (no config.json)")
-        scorer = ClipScorer(cfg.metrics.clip)
+        scorer = ClipScorer(cfg.metrics.clip, device=metric_device(cfg.metrics))
     backend = None
     if cfg.metrics.get("pose_accuracy"):
         from hydra.utils import instantiate
