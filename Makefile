@@ -14,6 +14,9 @@ help: ## list the targets
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	.venv/bin/pip install -q -c constraints.txt -e ".[backends,dev]"
+	@# SAM 2 ships as an sdist whose build wants torch: build it against ours, without its CUDA extension
+	@# (only a post-processing kernel; sam2 runs without it).
+	SAM2_BUILD_CUDA=0 .venv/bin/pip install -q -c constraints.txt --no-build-isolation "sam2==1.1.0"
 	touch .venv.stamp
 
 setup: .venv.stamp ## create .venv with the pinned stack (no-op when up to date)
