@@ -3,6 +3,10 @@
 Its tflite files ship inside the wheel, so it runs with no download. Body (BlazePose 33 points),
 hands (21 each, same order as OpenPose) and face mesh (468 points, 68 of them picked to match the
 iBUG layout) are mapped to the 134-point layout; the segmentation mask gives the person mask.
+
+Holistic tracks one person. To tell a clip with several people, faces are counted with MediaPipe's
+full-range face detector (also inside the wheel) on every `count_every`-th frame: a dancer seen from
+behind counts as nobody there, so the count is a lower bound, and the QC takes it with that grain.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from dynamictrl.pose import layout as L
+from dynamictrl.pose.base import PoseTrack
 
 # BlazePose index for each OpenPose-18 point (None: the neck, mean of the shoulders).
 _BODY = (0, None, 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7)
@@ -33,8 +38,12 @@ class MediaPipeHolistic:
     name = "mediapipe-holistic"
 
     def __init__(self, model_complexity: int = 1, min_detection_confidence: float = 0.5,
-                 segmentation: bool = True):  # fmt: skip
+                 segmentation: bool = True, count_people: bool = True, count_every: int = 4,
+                 face_confidence: float = 0.6):  # fmt: skip
         import mediapipe as mp
+
+        self.count_people, self.count_every, self.face_confidence = count_people, max(1, count_every), face_confidence
+        self._faces = None
 
         self.version = mp.__version__
         self._mp = mp
@@ -81,7 +90,67 @@ class MediaPipeHolistic:
         mask = None if res.segmentation_mask is None else res.segmentation_mask > 0.5
         return k, mask
 
+    def count_faces(self, frame: np.ndarray) -> int:
+        """Faces the full-range detector finds in one (H, W, 3) uint8 RGB frame."""
+        if self._faces is None:
+            self._faces = self._mp.solutions.face_detection.FaceDetection(
+                model_selection=1, min_detection_confidence=self.face_confidence)  # fmt: skip
+        found = self._faces.process(frame).detections
+        return len(found) if found else 0
+
+    def detect_video(self, frames: np.ndarray) -> PoseTrack:
+        """(T, H, W, 3) uint8 RGB -> PoseTrack with masks. `people` is the larger of the pose (0/1) and
+        the face count on counted frames, and -1 (unknown) between them."""
+        self.reset()
+        t, h, w = frames.shape[:3]
+        kpts = L.empty(t)
+        masks = np.zeros((t, h, w), bool)
+        people = np.full(t, -1, np.int64)
+        for i, f in enumerate(frames):
+            f = np.ascontiguousarray(f)
+            kpts[i], m = self(f)
+            if m is not None:
+                masks[i] = m
+            if self.count_people and i % self.count_every == 0:
+                people[i] = max(int(L.body_detected(kpts[i][None])[0]), self.count_faces(f))
+        return PoseTrack(kpts=kpts, people=people, masks=masks)
+
     def close(self) -> None:
         if self._model is not None:
             self._model.close()
             self._model = None
+        if self._faces is not None:
+            self._faces.close()
+            self._faces = None
+
+
+class MediaPipeSelfieMasks:
+    """Mask backend (offline, weights in the wheel): MediaPipe selfie segmentation, kept inside the
+    person's box grown by `box_margin` of its size, so that other people and clutter outside it drop out.
+    The fallback when the pose backend has no segmentation of its own (DWPose)."""
+
+    name = "mediapipe-selfie"
+
+    def __init__(self, model_selection: int = 1, threshold: float = 0.5, box_margin: float = 0.15):
+        import mediapipe as mp
+
+        self.version = mp.__version__
+        self.threshold, self.box_margin = threshold, box_margin
+        self._model = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=model_selection)
+
+    def masks(self, frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """(T, H, W, 3) uint8 RGB, (T, 4) pixel boxes (NaN: no person) -> (T, H, W) bool."""
+        t, h, w = frames.shape[:3]
+        out = np.zeros((t, h, w), bool)
+        for i, (frame, box) in enumerate(zip(frames, boxes, strict=True)):
+            if np.isnan(box).any():
+                continue
+            prob = self._model.process(np.ascontiguousarray(frame)).segmentation_mask
+            mx, my = self.box_margin * (box[2] - box[0]), self.box_margin * (box[3] - box[1])
+            x0, y0 = int(max(box[0] - mx, 0)), int(max(box[1] - my, 0))
+            x1, y1 = int(min(box[2] + mx, w - 1)) + 1, int(min(box[3] + my, h - 1)) + 1
+            out[i, y0:y1, x0:x1] = prob[y0:y1, x0:x1] > self.threshold
+        return out
+
+    def close(self) -> None:
+        self._model.close()

@@ -1,9 +1,11 @@
 """Preprocessing: raw videos and TikTok-style folders -> webdataset shards (DESIGN.md §2-3).
 
-Per input: frames (resampled to `fps`), keypoints (sidecar OpenPose JSON, else the pose backend),
-person masks (sidecar PNGs, else the backend's segmentation), a caption (sidecar .txt), then clips
-of `num_frames` every `stride` frames, cropped around the person's box over the whole clip and
-resized to the nearest-aspect resolution bucket, each with its rendered pose video.
+Per input: frames (resampled to `fps`), keypoints and people per frame (sidecar OpenPose JSON, else
+the pose backend: MediaPipe Holistic offline, DWPose), person masks (sidecar PNGs, else the mask
+backend: SAM 2 tracking, segment-anything, else the pose backend's own segmentation), then clips of
+`num_frames` every `stride` frames, cropped around the person's box over the whole clip and resized
+to the nearest-aspect resolution bucket, each with its rendered pose video and a caption (sidecar
+.txt, else the caption model: Qwen2-VL). Backend contracts: `dynamictrl.pose.base`.
 
 The run is resumable (finished inputs are listed in `manifest.jsonl` once their shard is renamed into
 place; rejected ones in `rejects.jsonl`) and splittable: rank r of N takes inputs r, r+N, ...
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 from dynamictrl.data.shards import ShardSink, encode_sample, sample_key
 from dynamictrl.errors import Reject, UserError
 from dynamictrl.pose import layout as L
+from dynamictrl.pose.base import frame_boxes, main_person
 from dynamictrl.pose.render import render_video
 from dynamictrl.utils.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_frames_dir, read_video
 
@@ -104,28 +107,66 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def build(node: DictConfig | None):
+    """Instantiate a backend config (`conf/{pose,mask,caption}/*.yaml`); its `name` key is a label,
+    not an argument. None when the config names no model (`_target_` absent)."""
+    if node is None or "_target_" not in node:
+        return None
+    return instantiate({k: v for k, v in node.items() if k != "name"}, _convert_="all")
+
+
 class Backends:
-    """Models load once per worker, on first need."""
+    """The configured models, each loaded once per worker on first need (a run over sidecar-annotated
+    data never loads one)."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self._pose = None
+        self._made: dict[str, Any] = {}
+
+    def _get(self, stage: str, factory):
+        if stage not in self._made:
+            self._made[stage] = factory()
+        return self._made[stage]
 
     @property
     def pose(self):
-        if self._pose is None:
-            self._pose = instantiate(self.cfg.pose)
-        return self._pose
+        return self._get("pose", lambda: build(self.cfg.pose))
+
+    @property
+    def mask(self):
+        """The configured mask model, or None: then the pose backend's own masks, else MediaPipe's
+        selfie segmentation restricted to the person's box."""
+        return self._get("mask", lambda: build(self.cfg.mask))
+
+    @property
+    def fallback_mask(self):
+        from dynamictrl.pose.mediapipe_backend import MediaPipeSelfieMasks
+
+        return self._get("fallback_mask", MediaPipeSelfieMasks)
+
+    @property
+    def caption(self):
+        return self._get("caption", lambda: build(self.cfg.caption))
+
+    def close(self) -> None:
+        for backend in self._made.values():
+            if hasattr(backend, "close"):
+                backend.close()
+        self._made.clear()
 
 
 def load_input(item: Item, default_fps: float) -> tuple[np.ndarray, float]:
+    """Frames and frame rate of one input. Raises Reject for an empty, unreadable, truncated or
+    non-video input."""
+    if item.path.is_file() and item.path.stat().st_size == 0:
+        raise Reject("empty file")
     try:
         if item.is_folder:
             frames = read_frames_dir(item.path / "images")
             meta = item.path / "meta.json"
             fps = json.loads(meta.read_text()).get("fps", default_fps) if meta.is_file() else default_fps
             return frames, float(fps)
-        return read_video(item.path)
+        return read_video(item.path, strict=True)
     except UserError as err:
         raise Reject(str(err).split(": ", 1)[-1]) from None
 
@@ -138,7 +179,9 @@ def resample(num_frames: int, src_fps: float, fps: float | None) -> np.ndarray:
     return np.minimum(np.round(np.arange(n) * src_fps / fps).astype(int), num_frames - 1)
 
 
-def sidecar_keypoints(item: Item, num_frames: int, height: int, width: int) -> np.ndarray | None:
+def sidecar_keypoints(item: Item, num_frames: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """OpenPose JSON per frame (`openpose/*.json`) -> ((T, 134, 3) keypoints of the largest person,
+    (T,) people per frame), or None without a sidecar."""
     folder = item.path / "openpose" if item.is_folder else None
     if folder is None or not folder.is_dir():
         return None
@@ -146,16 +189,15 @@ def sidecar_keypoints(item: Item, num_frames: int, height: int, width: int) -> n
     if len(files) != num_frames:
         raise Reject(f"sidecar keypoints: {len(files)} files for {num_frames} frames")
     out = L.empty(num_frames)
+    people = np.zeros(num_frames, np.int64)
     for i, f in enumerate(files):
         try:
-            people = L.from_openpose_json(json.loads(f.read_text()), width, height)
+            found = L.from_openpose_json(json.loads(f.read_text()), width, height)
         except (ValueError, json.JSONDecodeError) as err:
             raise Reject(f"sidecar keypoints {f.name}: {err}") from None
-        if len(people) > 1:
-            raise Reject("several people")
-        if people:
-            out[i] = people[0]
-    return out
+        people[i] = len(found)
+        out[i] = main_person(found)
+    return out, people
 
 
 def sidecar_masks(item: Item, indices: np.ndarray, height: int, width: int) -> np.ndarray | None:
@@ -171,11 +213,21 @@ def sidecar_masks(item: Item, indices: np.ndarray, height: int, width: int) -> n
 
 
 def sidecar_caption(item: Item) -> str | None:
-    candidates = [item.path / "caption.txt"] if item.is_folder else [item.path.with_suffix(".txt")]
-    for c in candidates:
-        if c.is_file() and c.read_text().strip():
-            return c.read_text().strip()
-    return None
+    """`caption.txt` in a frame folder, or `<video>.txt` beside a video file."""
+    c = item.path / "caption.txt" if item.is_folder else item.path.with_suffix(".txt")
+    text = c.read_text().strip() if c.is_file() else ""
+    return text or None
+
+
+def person_count(people: np.ndarray, ratio: float) -> int:
+    """The clip's person count for QC: 2 or more when at least `ratio` of the counted frames (people
+    >= 0) show several people, else the most frequent count (0 or 1)."""
+    counted = people[people >= 0]
+    if len(counted) == 0:
+        return 1
+    if (counted >= 2).mean() >= ratio:
+        return int(np.median(counted[counted >= 2]))
+    return int(np.bincount(np.minimum(counted, 1)).argmax())
 
 
 def crop_box(box: tuple[float, float, float, float], height: int, width: int, aspect: float,
@@ -204,6 +256,25 @@ def choose_bucket(buckets: list[list[int]], box: tuple[float, float, float, floa
     return min(((int(h), int(w)) for h, w in buckets), key=lambda hw: abs(np.log(hw[1] / hw[0] / aspect)))
 
 
+def clip_box(kpts: np.ndarray, masks: np.ndarray, threshold: float = 0.3,
+             mask_share: float = 0.1) -> tuple[float, float, float, float] | None:  # fmt: skip
+    """Normalised (x0, y0, x1, y1) box of the person over a clip: every visible keypoint (face
+    included) and the pixels masked in at least `mask_share` of the frames, so that hair, clothes and a
+    face that fills the frame are inside. None when no body point is visible."""
+    if L.person_box(kpts, threshold) is None:
+        return None
+    pts = kpts.reshape(-1, 3)
+    pts = pts[pts[:, 2] > threshold, :2]
+    x0, y0 = pts.min(0)
+    x1, y1 = pts.max(0)
+    h, w = masks.shape[1:]
+    ys, xs = np.nonzero(masks.mean(0) >= mask_share)
+    if len(xs):
+        x0, y0 = min(x0, xs.min() / w), min(y0, ys.min() / h)
+        x1, y1 = max(x1, (xs.max() + 1) / w), max(y1, (ys.max() + 1) / h)
+    return float(x0), float(y0), float(min(x1, 1.0)), float(min(y1, 1.0))
+
+
 def make_clips(frames, kpts, masks, cfg: DictConfig) -> list[dict[str, Any]]:
     """Cut, crop and resize clips; returns one dict of arrays and geometry per clip."""
     n, H, W = frames.shape[:3]
@@ -212,7 +283,7 @@ def make_clips(frames, kpts, masks, cfg: DictConfig) -> list[dict[str, Any]]:
     clips = []
     for ci, start in enumerate(range(0, n - length + 1, stride)):
         sl = slice(start, start + length)
-        box = L.person_box(kpts[sl])
+        box = clip_box(kpts[sl], masks[sl])
         if box is None:
             continue
         bh, bw = choose_bucket(cfg.buckets, box, H, W, cfg.crop_margin)
@@ -230,6 +301,55 @@ def make_clips(frames, kpts, masks, cfg: DictConfig) -> list[dict[str, Any]]:
     return clips
 
 
+def annotate(item: Item, frames: np.ndarray, idx: np.ndarray, cfg: DictConfig, backends: Backends):
+    """Keypoints, people per frame and masks of the resampled frames `frames[idx]`: sidecars where
+    present (`use_sidecars`), else the configured backends. Returns (kpts, people, masks, stages)."""
+    H, W = frames.shape[1:3]
+    use = cfg.use_sidecars
+    side_k = sidecar_keypoints(item, len(frames), H, W) if use else None
+    masks = sidecar_masks(item, idx, H, W) if use else None
+    stages = {"pose": "sidecar-openpose" if side_k is not None else None,
+              "mask": "sidecar-png" if masks is not None else None}  # fmt: skip
+    frames = frames[idx]
+    track = None
+    if side_k is not None:
+        kpts, people = side_k[0][idx], side_k[1][idx]
+    else:
+        pose = backends.pose
+        track = pose.detect_video(frames)
+        kpts, people = track.kpts, track.people
+        stages["pose"] = f"{pose.name}-{pose.version}"
+    if masks is None:
+        boxes = frame_boxes(kpts, H, W)
+        model = backends.mask
+        if model is not None:
+            masks = model.masks(frames, boxes)
+            stages["mask"] = f"{model.name}-{model.version}"
+        elif track is not None and track.masks is not None:
+            masks = track.masks
+            stages["mask"] = stages["pose"]
+        else:
+            fallback = backends.fallback_mask
+            masks = fallback.masks(frames, boxes)
+            stages["mask"] = f"{fallback.name}-{fallback.version}"
+    return kpts, people, masks, stages
+
+
+def captions_for(item: Item, clips: list[dict[str, Any]], cfg: DictConfig, backends: Backends) -> tuple[list[str], str]:
+    """One caption per clip: the sidecar's for all, else the caption model's (clips in one batch)."""
+    text = sidecar_caption(item) if cfg.use_sidecars else None
+    if text is not None:
+        return [text] * len(clips), "sidecar-txt"
+    model = backends.caption
+    if model is None:
+        raise Reject(f"no caption: no sidecar {'caption.txt' if item.is_folder else item.path.stem + '.txt'} "
+                     "and no caption model configured (caption=qwen2vl caption.path=DIR)")  # fmt: skip
+    found = [c.strip() for c in model([c["frames"] for c in clips])]
+    if not all(found):
+        raise Reject(f"no caption: {model.name} returned an empty caption")
+    return found, f"{model.name}-{model.version}"
+
+
 def process(item: Item, cfg: DictConfig, backends: Backends) -> list[dict[str, Any]]:
     """One input -> encoded samples. Raises Reject with a reason for an unusable input."""
     frames, src_fps = load_input(item, cfg.default_fps)
@@ -238,46 +358,34 @@ def process(item: Item, cfg: DictConfig, backends: Backends) -> list[dict[str, A
     fps = float(cfg.fps or src_fps)
     if len(idx) < cfg.num_frames:
         raise Reject(f"too short: {len(idx)} frames at {fps:g} fps, a clip needs {cfg.num_frames}")
-    caption = sidecar_caption(item)
-    if caption is None:
-        raise Reject("no caption (no sidecar .txt; captioning models come with the caption stage)")
-    kpts = sidecar_keypoints(item, len(frames), H, W)
-    masks = sidecar_masks(item, idx, H, W)
-    stages = {"pose": "sidecar-openpose" if kpts is not None else None, "mask": "sidecar-png" if masks is not None else None,
-              "caption": "sidecar-txt"}  # fmt: skip
-    if kpts is not None:
-        kpts = kpts[idx]
-    if kpts is None or masks is None:
-        backend = backends.pose
-        backend.reset()
-        found = [backend(f) for f in tqdm(frames[idx], desc=f"pose {item.video_id}", leave=False,
-                                           disable=not cfg.progress)]  # fmt: skip
-        if kpts is None:
-            kpts = np.stack([k for k, _ in found])
-            stages["pose"] = f"{backend.name}-{backend.version}"
-        if masks is None:
-            masks = np.stack([m if m is not None else np.zeros((H, W), bool) for _, m in found])
-            stages["mask"] = f"{backend.name}-{backend.version}"
+    if "_target_" not in cfg.caption and not (cfg.use_sidecars and sidecar_caption(item)):
+        captions_for(item, [], cfg, backends)  # rejects before any model runs
+    kpts, people, masks, stages = annotate(item, frames, idx, cfg, backends)
     frames = frames[idx]
     detected = L.body_detected(kpts)
     if detected.mean() < cfg.min_pose_ratio:
         raise Reject(f"no person: body found in {detected.mean():.0%} of frames")
+    count = person_count(people, cfg.several_people_ratio)
+    if count >= 2:
+        raise Reject(f"several people: {count} people in {(people >= 2).sum()} of {(people >= 0).sum()} counted frames")
     clips = make_clips(frames, kpts, masks, cfg)
     if not clips:
         raise Reject("no person in any clip")
+    captions, stages["caption"] = captions_for(item, clips, cfg, backends)
     sha = file_sha256(item.path)
     samples = []
-    for c in clips:
+    for c, caption in zip(clips, captions, strict=True):
         bh, bw = c["size"]
         pose = render_video(c["kpts"], bh, bw)
         det = L.body_detected(c["kpts"])
+        clip_people = people[c["start"] : c["start"] + cfg.num_frames]
         meta = {
             "source": str(item.path), "sha256": sha, "video_id": item.video_id, "clip_index": c["index"],
             "fps": fps, "frame_indices": idx[c["start"] : c["start"] + cfg.num_frames].tolist(),
             "num_frames": int(cfg.num_frames), "original_size": [H, W], "crop_box": c["crop"], "size": [bh, bw],
             "backends": stages, "split": item.split,
             "qc": {"pose_detected_ratio": float(det.mean()), "mean_mask_area": float(c["mask"].mean()),
-                   "person_count": 1},
+                   "person_count": person_count(clip_people, cfg.several_people_ratio)},
         }  # fmt: skip
         key = sample_key(item.video_id, c["index"])
         samples.append(encode_sample(key, c["frames"], pose, c["mask"], c["kpts"], caption, meta, fps))
@@ -346,8 +454,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         bar.set_postfix(done=stats["done"], rejected=sum(reasons.values()))
     for split in sinks:
         flush(split, force=True)
-    if hasattr(backends._pose, "close"):
-        backends._pose.close()
+    backends.close()
     seconds = time.perf_counter() - start
     summary = {"rank": rank, "world_size": world, "inputs": len(items), "done": stats["done"],
                "skipped": stats["skipped"], "clips": stats["clips"], "rejected": dict(reasons),

@@ -16,13 +16,17 @@ VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def read_video(source: str | Path | bytes, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+def read_video(source: str | Path | bytes, max_frames: int | None = None,
+               strict: bool = False) -> tuple[np.ndarray, float]:  # fmt: skip
     """Decode every frame of a video file (or mp4 bytes).
+
+    A truncated file keeps the frames decoded before the damage, unless `strict`: then a decoding
+    error after the first frame, or fewer frames than the container declares, is an error.
 
     Returns:
         frames (T, H, W, 3) uint8 RGB and the frame rate.
     Raises:
-        UserError: the file is missing, is not a video, or has no decodable frames.
+        UserError: the file is missing, is not a video, has no decodable frames, or (strict) is truncated.
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     if not isinstance(source, bytes) and not Path(source).is_file():
@@ -34,6 +38,7 @@ def read_video(source: str | Path | bytes, max_frames: int | None = None) -> tup
                 raise UserError(f"{name}: not a video (no video stream)")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+            declared = stream.frames
             try:
                 for frame in container.decode(stream):
                     frames.append(frame.to_ndarray(format="rgb24"))
@@ -42,7 +47,11 @@ def read_video(source: str | Path | bytes, max_frames: int | None = None) -> tup
             except av.error.FFmpegError:
                 if not frames:
                     raise
+                if strict:
+                    raise UserError(f"{name}: truncated video (decoding failed after {len(frames)} frames)") from None
                 # A truncated file: keep what decoded before the damage.
+            if strict and not max_frames and declared - len(frames) > max(2, 0.02 * declared):
+                raise UserError(f"{name}: truncated video ({len(frames)} of {declared} frames decode)")
     except av.error.FFmpegError as err:
         raise UserError(f"{name}: unreadable video ({type(err).__name__}: {err.strerror or err})") from None
     if not frames:
