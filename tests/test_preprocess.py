@@ -47,7 +47,7 @@ def test_rerun_is_a_no_op_and_partitions_add_up(raw_data, tmp_path):
     keys = set()
     for rank in (0, 1):
         s = run(cfg(raw_data, tmp_path / "two", f"rank={rank}", "world_size=2"))
-        keys |= {k for line in (tmp_path / "two" / "manifest.jsonl").read_text().splitlines()
+        keys |= {k for line in (tmp_path / "two" / f"manifest-rank000{rank}.jsonl").read_text().splitlines()
                  for k in json.loads(line)["keys"]}  # fmt: skip
         assert s["done"] == 2
     one = {k for line in (tmp_path / "one" / "manifest.jsonl").read_text().splitlines() for k in json.loads(line)["keys"]}

@@ -8,7 +8,8 @@ to the nearest-aspect resolution bucket, each with its rendered pose video and a
 .txt, else the caption model: Qwen2-VL). Backend contracts: `dynamictrl.pose.base`.
 
 The run is resumable (finished inputs are listed in `manifest.jsonl` once their shard is renamed into
-place; rejected ones in `rejects.jsonl`) and splittable: rank r of N takes inputs r, r+N, ...
+place; rejected ones in `rejects.jsonl`; `manifest-rankR.jsonl` and `rejects-rankR.jsonl` when split)
+and splittable: rank r of N takes inputs r, r+N, ...
 """
 
 from __future__ import annotations
@@ -414,8 +415,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     rank, world = resolve_rank(cfg)
     items = partition(discover(cfg.input), rank, world)
-    manifest, rejects = out / "manifest.jsonl", out / "rejects.jsonl"
-    done = {r["source"] for r in _read_jsonl(manifest)} | {r["path"] for r in _read_jsonl(rejects)}
+    # One manifest and rejects file per rank: array tasks never append to the same file (not safe on
+    # network file systems); every rank reads all of them, so a re-split run still skips finished work.
+    suffix = "" if world == 1 else f"-rank{rank:04d}"
+    manifest, rejects = out / f"manifest{suffix}.jsonl", out / f"rejects{suffix}.jsonl"
+    done = ({r["source"] for p in sorted(out.glob("manifest*.jsonl")) for r in _read_jsonl(p)}
+            | {r["path"] for p in sorted(out.glob("rejects*.jsonl")) for r in _read_jsonl(p)})  # fmt: skip
     todo = [it for it in items if str(it.path) not in done]
     backends = Backends(cfg)
     sinks: dict[str, ShardSink] = {}
