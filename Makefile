@@ -5,7 +5,7 @@ export PYTHONWARNINGS ?= ignore
 export GLOG_minloglevel ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: help setup demo test preprocess train animate eval bench lint clean
+.PHONY: help setup demo test preprocess precompute train animate eval bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: setup ## the test suite
 preprocess: setup ## raw videos -> shards: ARGS="input=DIR output=DIR"
 	$(PY) pipelines/preprocess/main.py $(ARGS)
 
+precompute: setup ## VAE latents + T5 embeddings of shards: ARGS="input=SHARDS output=DIR"
+	$(PY) pipelines/precompute/main.py $(ARGS)
+
 train: setup ## train: ARGS="experiment=demo output=DIR"
 	$(PY) pipelines/train/main.py $(ARGS)
 
@@ -45,5 +48,5 @@ lint: setup ## ruff
 clean: ## remove outputs (keeps .venv and data/)
 	rm -rf outputs
 
-bench: setup ## speed and memory benchmarks -> outputs/bench/ (model variants; ratios measured side by side)
-	$(PY) -m dynamictrl.bench
+bench: setup ## speed and memory benchmarks -> outputs/bench/ (ARGS="model eval preprocess train" picks sections)
+	$(PY) -m dynamictrl.bench $(ARGS)

@@ -157,3 +157,14 @@ def test_slurm_array_launcher_composes():
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.array_parallelism > 0 and launcher.timeout_min > 0
     assert c.hydra.sweep.subdir == "rank3"  # one output folder per array task
+
+
+def test_a_missing_weight_file_stops_the_run_with_one_line(tmp_path):
+    """A configuration error is not a bad input: it stops the run (not one reject per video)."""
+    from dynamictrl.errors import UserError
+
+    write_video(tmp_path / "raw" / "a.mp4", astronaut_video(10), 8)
+    (tmp_path / "raw" / "a.txt").write_text("a caption")
+    with pytest.raises(UserError, match=r"^pose.det_model=/no/such.onnx: no such file"):
+        run(cfg(tmp_path / "raw", tmp_path / "out", "pose=dwpose", "pose.det_model=/no/such.onnx"))
+    assert not (tmp_path / "out" / "rejects.jsonl").exists()

@@ -3,7 +3,12 @@
 Model: forward+backward step time of the base CogVideoX transformer and of each pose-control variant
 at one mid-size config, measured round-robin in one process so that ratios are side by side; plus
 the parameter overhead of each variant at 5B (built on the meta device). Eval: frames/s of each
-metric. Absolute times on a shared machine are noise; the ratios are the result.
+metric. Preprocessing: frames/s of each backend (`dynamictrl.preprocess.bench`). Training: loader
+throughput, step time and memory per trainer config (`dynamictrl.train.bench`). Absolute times on a
+shared machine are noise; the ratios are the result.
+
+    make bench                      # every section
+    make bench ARGS="preprocess"    # some: model eval preprocess train
 """
 
 from __future__ import annotations
@@ -108,33 +113,54 @@ def bench_eval(frames: int = 32, size: tuple[int, int] = (256, 256)) -> dict:
     return {"frames": frames, "size": list(size), "device": device, "frames_per_s": out}
 
 
-def run(output: str | Path = "outputs/bench") -> dict:
+SECTIONS = ("model", "eval", "preprocess", "train")
+
+
+def run(output: str | Path = "outputs/bench", sections: tuple[str, ...] = SECTIONS) -> dict:
+    """Run the chosen sections; write OUTPUT/bench.json and OUTPUT/bench.md."""
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"bench: unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads()},
-               "model": [bench_model(d) for d in devices]}  # fmt: skip
-    results["eval"] = bench_eval()
-    configs = model_configs()
-    results["param_overhead_5b"] = table("cogvideox1.5-5b-i2v", configs["cogvideox1.5-5b-i2v"])
-    (out / "model.json").write_text(json.dumps(results, indent=1))
-    lines = ["# Benchmarks", "", f"Machine: {results['machine']}", "", "## Step time (forward + backward), mid-size config", ""]
-    for r in results["model"]:
-        lines += [f"{r['device']}: {r['video_tokens']} video + {r['text_tokens']} text tokens, "
-                  f"{MID['num_layers']} layers of width {MID['num_attention_heads'] * MID['attention_head_dim']}.", "",
-                  "| model | median step (s) | ratio to base | parameters |", "|---|---|---|---|"]  # fmt: skip
-        for n, v in r["median_step_s"].items():
-            lines.append(f"| {n} | {v:.3f} | {r['ratio_to_base'][n]:.2f} | {r['params'][n] / 1e6:.1f} M |")
-        lines += ["", f"PadaLN / cross-attention step time: {r['padaln_vs_cross_attn']:.2f}", ""]
-    lines += ["## Parameters at 5B (CogVideoX1.5-5B-I2V base)", "", format_rows(results["param_overhead_5b"]), ""]
-    ev = results["eval"]
-    lines += [f"## Eval metrics ({ev['frames']} frames at {ev['size'][0]}x{ev['size'][1]}, {ev['device']})", "",
-              "| metric | frames/s |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in ev["frames_per_s"].items()] + [""]
+                           "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}}  # fmt: skip
+    lines = ["# Benchmarks", "", f"Machine: {results['machine']}", ""]
+    if "model" in sections:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        results["model"] = [bench_model(d) for d in devices]
+        results["param_overhead_5b"] = table("cogvideox1.5-5b-i2v", model_configs()["cogvideox1.5-5b-i2v"])
+        lines += ["## Step time (forward + backward), mid-size config", ""]
+        for r in results["model"]:
+            lines += [f"{r['device']}: {r['video_tokens']} video + {r['text_tokens']} text tokens, "
+                      f"{MID['num_layers']} layers of width {MID['num_attention_heads'] * MID['attention_head_dim']}.", "",
+                      "| model | median step (s) | ratio to base | parameters |", "|---|---|---|---|"]  # fmt: skip
+            for n, v in r["median_step_s"].items():
+                lines.append(f"| {n} | {v:.3f} | {r['ratio_to_base'][n]:.2f} | {r['params'][n] / 1e6:.1f} M |")
+            lines += ["", f"PadaLN / cross-attention step time: {r['padaln_vs_cross_attn']:.2f}", ""]
+        lines += ["## Parameters at 5B (CogVideoX1.5-5B-I2V base)", "", format_rows(results["param_overhead_5b"]), ""]
+    if "eval" in sections:
+        ev = results["eval"] = bench_eval()
+        lines += [f"## Eval metrics ({ev['frames']} frames at {ev['size'][0]}x{ev['size'][1]}, {ev['device']})", "",
+                  "| metric | frames/s |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in ev["frames_per_s"].items()] + [""]
+    if "preprocess" in sections:
+        from dynamictrl.preprocess import bench as preprocess_bench
+
+        results["preprocess"], more = preprocess_bench.run()
+        lines += more
+    if "train" in sections:
+        from dynamictrl.train import bench as train_bench
+
+        results["train"], more = train_bench.run()
+        lines += more
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
     (out / "bench.md").write_text("\n".join(lines))
     print("\n".join(lines))
+    print(f"bench: {out / 'bench.md'}, {out / 'bench.json'}")
     return results
 
 
 if __name__ == "__main__":
-    run()
+    import sys
+
+    run(sections=tuple(sys.argv[1:]) or SECTIONS)

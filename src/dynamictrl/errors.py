@@ -19,7 +19,13 @@ class Reject(Exception):
 def user_errors(stage: str) -> Iterator[None]:
     """Turn UserError (and missing files) into `<stage>: error: <message>` on stderr and exit code 2."""
     try:
-        yield
+        try:
+            yield
+        except Exception as err:  # Hydra's instantiate wraps a backend's UserError: show the error itself
+            cause = err.__cause__
+            if type(err).__name__ == "InstantiationException" and isinstance(cause, UserError):
+                raise cause from None
+            raise
     except (UserError, FileNotFoundError, NotADirectoryError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"{stage}: error: {message}", file=sys.stderr)

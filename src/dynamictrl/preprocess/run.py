@@ -26,6 +26,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
@@ -113,7 +114,12 @@ def build(node: DictConfig | None):
     not an argument. None when the config names no model (`_target_` absent)."""
     if node is None or "_target_" not in node:
         return None
-    return instantiate({k: v for k, v in node.items() if k != "name"}, _convert_="all")
+    try:
+        return instantiate({k: v for k, v in node.items() if k != "name"}, _convert_="all")
+    except InstantiationException as err:  # Hydra wraps the backend's own one-line error
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
 
 
 class Backends:
@@ -439,6 +445,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for item in bar:
         try:
             samples = process(item, cfg, backends)
+        except UserError:
+            raise  # a configuration problem (a weight file that is not there) stops the run
         except Exception as err:  # noqa: BLE001 - a long run survives any bad item; it is recorded
             why = err if isinstance(err, Reject) else Reject(f"failed: {type(err).__name__}: {err}")
             reasons[re.split(r"[:(]", str(why))[0].strip()] += 1
