@@ -234,6 +234,15 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
         pose = np.concatenate([render_pose(ref_k, height, width)[None], pose])
     mask = None
     if cfg.get("background"):
+        if ref_mask is None and L.body_detected(ref_k[None])[0]:
+            # a pose backend without segmentation (DWPose): MediaPipe selfie masks in the person's box
+            from dynamictrl.pose.base import frame_boxes
+            from dynamictrl.pose.mediapipe_backend import MediaPipeSelfieMasks
+
+            selfie = MediaPipeSelfieMasks()
+            ref_mask = selfie.masks(ref[None], frame_boxes(ref_k[None], height, width))[0]
+            selfie.close()
+            ref_mask = ref_mask if ref_mask.any() else None
         if ref_mask is None:
             raise UserError(f"image={image_path}: the mask backend found no person to keep")
         mask = ref_mask
