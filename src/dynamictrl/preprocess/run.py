@@ -442,6 +442,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     f.write(json.dumps(row) + "\n")
 
     bar = tqdm(todo, desc=f"preprocess (rank {rank}/{world})", unit="video", disable=not cfg.progress)
+    frame_bar = tqdm(desc="clip frames written", unit="frame", disable=not cfg.progress, position=1)
     for item in bar:
         try:
             samples = process(item, cfg, backends)
@@ -463,10 +464,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         stats["done"] += 1
         stats["clips"] += len(samples)
         frames_done += len(samples) * int(cfg.num_frames)
+        frame_bar.update(len(samples) * int(cfg.num_frames))
         flush(item.split)
         bar.set_postfix(done=stats["done"], rejected=sum(reasons.values()))
     for split in sinks:
         flush(split, force=True)
+    frame_bar.close()
     backends.close()
     seconds = time.perf_counter() - start
     summary = {"rank": rank, "world_size": world, "inputs": len(items), "done": stats["done"],
