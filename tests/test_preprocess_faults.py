@@ -168,3 +168,12 @@ def test_a_missing_weight_file_stops_the_run_with_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^pose.det_model=/no/such.onnx: no such file"):
         run(cfg(tmp_path / "raw", tmp_path / "out", "pose=dwpose", "pose.det_model=/no/such.onnx"))
     assert not (tmp_path / "out" / "rejects.jsonl").exists()
+
+
+@pytest.mark.parametrize("bad, message", [("num_frames=20", r"num_frames=20: clips need 8k\+1 frames for the VAE; nearest 17 or 25"),
+                                          ("stride=0", "stride=0: must be at least 1")])
+def test_clip_settings_are_checked_before_any_work(tmp_path, bad, message):
+    from dynamictrl.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        run(cfg(tmp_path, tmp_path / "out", bad))

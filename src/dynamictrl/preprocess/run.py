@@ -417,6 +417,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("input is not set: make preprocess ARGS=\"input=DIR output=DIR\"")
     if not cfg.get("output"):
         raise UserError("output is not set: make preprocess ARGS=\"input=DIR output=DIR\"")
+    if int(cfg.num_frames) % 8 != 1:  # the CogVideoX VAE round-trips 8k+1 frames (models/latents.py)
+        k = int(cfg.num_frames) // 8
+        raise UserError(f"num_frames={cfg.num_frames}: clips need 8k+1 frames for the VAE; nearest {8 * k + 1} or {8 * k + 9}")
+    if cfg.get("stride") is not None and int(cfg.stride) < 1:
+        raise UserError(f"stride={cfg.stride}: must be at least 1 (or null: one clip every num_frames)")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = resolve_rank(cfg)
