@@ -16,6 +16,7 @@ Weights come from local files named in `conf/mask/*.yaml`. Checkpoints are read 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import tempfile
@@ -188,6 +189,21 @@ def _sam2_has_cuda_extension() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _quiet_sam2():
+    """sam2 draws a progress bar per video and per re-seed; the stage has its own bars."""
+    import sam2.sam2_video_predictor as predictor_module
+    import sam2.utils.misc as misc_module
+
+    saved = predictor_module.tqdm, misc_module.tqdm
+    quiet = functools.partial(saved[0], disable=True)
+    predictor_module.tqdm = misc_module.tqdm = quiet
+    try:
+        yield
+    finally:
+        predictor_module.tqdm, misc_module.tqdm = saved
+
+
 class Sam2VideoMasks:
     """SAM 2 video tracking seeded and re-seeded from the pose box (see the module docstring).
 
@@ -241,7 +257,7 @@ class Sam2VideoMasks:
         if not has_box.any():
             return out
         first = int(np.argmax(has_box))  # frames before it have no box and no track: empty
-        with _autocast(self.device, self.precision):
+        with _autocast(self.device, self.precision), _quiet_sam2():
             with tempfile.TemporaryDirectory(prefix="dynamictrl-sam2-", dir=self.tmp_dir) as folder:
                 for i, frame in enumerate(frames[first:]):  # sam2 reads a folder of <index>.jpg
                     Image.fromarray(frame).save(Path(folder) / f"{i}.jpg", quality=self.jpeg_quality)

@@ -310,7 +310,8 @@ def make_clips(frames, kpts, masks, cfg: DictConfig) -> list[dict[str, Any]]:
 
 def annotate(item: Item, frames: np.ndarray, idx: np.ndarray, cfg: DictConfig, backends: Backends):
     """Keypoints, people per frame and masks of the resampled frames `frames[idx]`: sidecars where
-    present (`use_sidecars`), else the configured backends. Returns (kpts, people, masks, stages)."""
+    present (`use_sidecars`), else the configured backends. Returns (kpts, people, masks, stages, qc)
+    with the backends' own QC figures in `qc` (the tracker's re-seeds)."""
     H, W = frames.shape[1:3]
     use = cfg.use_sidecars
     side_k = sidecar_keypoints(item, len(frames), H, W) if use else None
@@ -318,7 +319,7 @@ def annotate(item: Item, frames: np.ndarray, idx: np.ndarray, cfg: DictConfig, b
     stages = {"pose": "sidecar-openpose" if side_k is not None else None,
               "mask": "sidecar-png" if masks is not None else None}  # fmt: skip
     frames = frames[idx]
-    track = None
+    track, qc = None, {}
     if side_k is not None:
         kpts, people = side_k[0][idx], side_k[1][idx]
     else:
@@ -332,6 +333,8 @@ def annotate(item: Item, frames: np.ndarray, idx: np.ndarray, cfg: DictConfig, b
         if model is not None:
             masks = model.masks(frames, boxes)
             stages["mask"] = f"{model.name}-{model.version}"
+            if hasattr(model, "reseeds"):
+                qc["mask_reseeds"] = int(model.reseeds)
         elif track is not None and track.masks is not None:
             masks = track.masks
             stages["mask"] = stages["pose"]
@@ -339,7 +342,7 @@ def annotate(item: Item, frames: np.ndarray, idx: np.ndarray, cfg: DictConfig, b
             fallback = backends.fallback_mask
             masks = fallback.masks(frames, boxes)
             stages["mask"] = f"{fallback.name}-{fallback.version}"
-    return kpts, people, masks, stages
+    return kpts, people, masks, stages, qc
 
 
 def captions_for(item: Item, clips: list[dict[str, Any]], cfg: DictConfig, backends: Backends) -> tuple[list[str], str]:
@@ -367,7 +370,7 @@ def process(item: Item, cfg: DictConfig, backends: Backends) -> list[dict[str, A
         raise Reject(f"too short: {len(idx)} frames at {fps:g} fps, a clip needs {cfg.num_frames}")
     if "_target_" not in cfg.caption and not (cfg.use_sidecars and sidecar_caption(item)):
         captions_for(item, [], cfg, backends)  # rejects before any model runs
-    kpts, people, masks, stages = annotate(item, frames, idx, cfg, backends)
+    kpts, people, masks, stages, video_qc = annotate(item, frames, idx, cfg, backends)
     frames = frames[idx]
     detected = L.body_detected(kpts)
     if detected.mean() < cfg.min_pose_ratio:
@@ -392,7 +395,7 @@ def process(item: Item, cfg: DictConfig, backends: Backends) -> list[dict[str, A
             "num_frames": int(cfg.num_frames), "original_size": [H, W], "crop_box": c["crop"], "size": [bh, bw],
             "backends": stages, "split": item.split,
             "qc": {"pose_detected_ratio": float(det.mean()), "mean_mask_area": float(c["mask"].mean()),
-                   "person_count": person_count(clip_people, cfg.several_people_ratio)},
+                   "person_count": person_count(clip_people, cfg.several_people_ratio), **video_qc},
         }  # fmt: skip
         key = sample_key(item.video_id, c["index"])
         samples.append(encode_sample(key, c["frames"], pose, c["mask"], c["kpts"], caption, meta, fps))
