@@ -7,11 +7,17 @@ probability; captions can be dropped for classifier-free guidance; in mask mode 
 reference is masked to the person, so the background has to come from the text.
 
 The VAE and T5 are frozen and kept out of the module's state, so checkpoints hold the transformer
-(and optimizer) only.
+(and optimizer, and the EMA weights when enabled) only.
+
+Every random draw of a step comes from a generator seeded by (seed, step, rank), so a resumed run
+draws what an uninterrupted one would. Precomputed batches (`dynamictrl.train.precompute`) bring
+the target/pose latents and the T5 embedding; the clean reference frame is still noised in pixel
+space and encoded every step (one frame through the VAE), so the maths is the raw path's.
 """
 
 from __future__ import annotations
 
+import hashlib
 from functools import partial
 from typing import Any
 
@@ -37,6 +43,9 @@ class DynamiCtrlModule(L.LightningModule):
         cache_latents: keep each clip's target and pose latents in memory after the first encoding
             (exact: the VAE is frozen and encodes with the posterior mode; only the noised reference is
             encoded every step). For small datasets such as the demo's.
+        ema_decay: keep an exponential moving average of the trainable weights (None: off, as in the
+            official recipe); the decay ramps up as min(ema_decay, (1 + n) / (10 + n)) over updates n.
+        seed: with the global step and the rank, seeds each step's random draws.
     """
 
     def __init__(
@@ -54,6 +63,8 @@ class DynamiCtrlModule(L.LightningModule):
         ofs: float = 2.0,
         gradient_checkpointing: bool = False,
         cache_latents: bool = False,
+        ema_decay: float | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -66,11 +77,28 @@ class DynamiCtrlModule(L.LightningModule):
         pipe.vae.requires_grad_(False).eval()
         pipe.text_encoder.requires_grad_(False).eval()
         object.__setattr__(self, "pipe", pipe)  # not a submodule: frozen parts stay out of checkpoints
+        self.transformer.train()
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._empty_text: torch.Tensor | None = None
+        self.ema: dict[str, torch.Tensor] | None = None
+        self._ema_updates = 0
+        self.last_tokens = 0  # tokens (video + text) in the last batch, for throughput logging
 
     def on_fit_start(self) -> None:
         self.pipe.vae.to(self.device)
         self.pipe.text_encoder.to(self.device)
+        if self.hparams.ema_decay and self.ema is None:
+            self.ema = {n: p.detach().clone().float() for n, p in self.trainable()}
+        elif self.ema is not None:
+            self.ema = {n: t.to(self.device) for n, t in self.ema.items()}
+
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
+
+    def step_generator(self, step: int) -> torch.Generator:
+        """The generator of one optimisation step: a function of (seed, step, rank) only."""
+        digest = hashlib.sha256(f"{self.hparams.seed}-{step}-{self.global_rank}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         embeds, _ = self.pipe.encode_prompt(
@@ -79,9 +107,22 @@ class DynamiCtrlModule(L.LightningModule):
         )  # fmt: skip
         return embeds
 
+    def text_embeddings(self, batch: dict[str, Any], captions: list[str]) -> torch.Tensor:
+        """(B, L, D): precomputed embeddings (the empty prompt's where dropped), else T5 on the captions."""
+        if "text_embeds" not in batch:
+            return self.encode_text(captions)
+        if self._empty_text is None:
+            self._empty_text = self.encode_text([""])[0]
+        dropped = torch.tensor([c == "" for c in captions], device=self.device)
+        embeds = batch["text_embeds"].to(self._empty_text)
+        return torch.where(dropped[:, None, None], self._empty_text[None], embeds)
+
     @torch.no_grad()
     def encode_clips(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target and pose latents, (B, F, C, h, w) each, from the cache when enabled."""
+        """Target and pose latents, (B, F, C, h, w) each: precomputed, cached, or encoded now."""
+        if "latents" in batch:
+            dtype = self.pipe.vae.dtype
+            return batch["latents"].to(dtype), batch["pose_latents"].to(dtype)
         vae, keys = self.pipe.vae, batch.get("key")
         if not self.hparams.cache_latents or keys is None:
             return Z.encode_video(vae, batch["video"]), Z.encode_video(vae, batch["pose"])
@@ -96,18 +137,19 @@ class DynamiCtrlModule(L.LightningModule):
         return torch.stack([t for t, _ in pairs]).to(device), torch.stack([p for _, p in pairs]).to(device)
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-        """The training loss for one batch (video/pose (B, 3, T, H, W) in [-1, 1], mask, caption)."""
+        """The training loss for one batch: raw (video/pose (B, 3, T, H, W) in [-1, 1], mask (B, T, H, W),
+        caption) or precomputed (latents, pose_latents, text_embeds, ref (B, 3, H, W), ref_mask, caption)."""
         hp, vae, sched = self.hparams, self.pipe.vae, self.pipe.scheduler
-        video = batch["video"]
-        b, device = video.shape[0], video.device
+        ref = batch["ref"] if "ref" in batch else batch["video"][:, :, 0]  # (B, 3, H, W)
+        b, device = ref.shape[0], ref.device
 
         def rand(*shape):
             return torch.rand(*shape, generator=generator, device="cpu").to(device)
 
         # 1. Conditions through the frozen encoders.
-        ref = video[:, :, 0]  # (B, 3, H, W)
         if hp.mask_reference:
-            ref = torch.where(batch["mask"][:, 0, None].to(device), ref, torch.full_like(ref, -1.0))
+            person = batch["ref_mask"] if "ref_mask" in batch else batch["mask"][:, 0]  # (B, H, W)
+            ref = torch.where(person[:, None].to(device), ref, torch.full_like(ref, -1.0))
         sigma = torch.exp(hp.ref_noise_mean + hp.ref_noise_std * torch.randn(b, generator=generator).to(device))
         ref = ref + sigma[:, None, None, None] * torch.randn(ref.shape, generator=generator).to(device)
         captions = ["" if float(rand(1)) < hp.text_drop else c for c in batch["caption"]]
@@ -117,7 +159,7 @@ class DynamiCtrlModule(L.LightningModule):
             image_lat = Z.encode_reference(vae, ref, n_lat)
             keep = (rand(b) >= hp.ref_drop).to(image_lat.dtype)
             image_lat = image_lat * keep[:, None, None, None, None]
-            text = self.encode_text(captions)
+            text = self.text_embeddings(batch, captions)
 
         # 2. Noise the target at uniform timesteps.
         p_t = self.transformer.config.patch_size_t
@@ -127,7 +169,9 @@ class DynamiCtrlModule(L.LightningModule):
         noisy = sched.add_noise(target_p, noise, t)
 
         # 3. Predict v; recover x0 and weight as in CogVideoX fine-tuning.
-        h, w = video.shape[-2:]
+        h, w = ref.shape[-2:]
+        p = self.transformer.config.patch_size
+        self.last_tokens = b * (noisy.shape[1] // (p_t or 1) * (noisy.shape[3] // p) * (noisy.shape[4] // p) + text.shape[1])
         rotary = (self.pipe._prepare_rotary_positional_embeddings(h, w, noisy.shape[1], device)
                   if self.transformer.config.use_rotary_positional_embeddings else None)  # fmt: skip
         ofs = noisy.new_full((1,), hp.ofs) if self.transformer.config.ofs_embed_dim else None
@@ -142,10 +186,34 @@ class DynamiCtrlModule(L.LightningModule):
         return err.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["video"].shape[0])
+        accumulate = self.trainer.accumulate_grad_batches
+        micro_step = self.global_step * accumulate + batch_idx % accumulate
+        loss = self.loss(batch, generator=self.step_generator(micro_step))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=len(batch["caption"]))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for _, p in self.trainable() if p.grad is not None]
+        if grads:  # before clipping; rank-local under sharded strategies
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True)
+
+    # EMA: updated after each optimizer step, saved in the checkpoint, exported by the train app.
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            n = self._ema_updates = self._ema_updates + 1
+            decay = min(self.hparams.ema_decay, (1 + n) / (10 + n))
+            names, params = zip(*self.trainable(), strict=True)
+            torch._foreach_lerp_([self.ema[k] for k in names], [p.detach().float() for p in params], 1 - decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = {"updates": self._ema_updates, "state": {k: v.cpu() for k, v in self.ema.items()}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "ema" in checkpoint and self.hparams.ema_decay:
+            self._ema_updates, self.ema = checkpoint["ema"]["updates"], dict(checkpoint["ema"]["state"])
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.transformer.parameters() if p.requires_grad]

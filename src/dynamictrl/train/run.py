@@ -1,20 +1,23 @@
-"""Training entry: compose data, module and trainer from the config; export the transformer."""
+"""Training entry: compose data, module, loggers and trainer from the config; export the transformer."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dynamictrl.data.shards import list_shards
 from dynamictrl.errors import UserError
 from dynamictrl.models import embedded
+from dynamictrl.train.callbacks import RNGState, SampleVideo, Throughput
 
 
 def model_path(cfg: DictConfig) -> str:
@@ -36,6 +39,62 @@ def ensure_demo_data(cfg: DictConfig) -> None:
     make_demo_data(cfg.demo_data)
 
 
+def resume_path(cfg: DictConfig, last: Path) -> str | None:
+    """resume=true: last.ckpt must exist; resume=auto: use it when it exists (SLURM requeue)."""
+    mode = str(cfg.resume).lower()
+    if mode in ("false", "none", "0"):
+        return None
+    if last.exists():
+        return str(last)
+    if mode == "auto":
+        return None
+    raise UserError(f"resume=true but {last} does not exist")
+
+
+def merge_metrics(csv_path: Path, previous: Path) -> None:
+    """After a resume: the earlier run's rows (before the resumed run's first step), then the new ones.
+    (Lightning's CSV logger starts a fresh file; the earlier one was moved to `previous`.)"""
+    if not previous.is_file():
+        return
+    new = list(csv.DictReader(open(csv_path))) if csv_path.is_file() else []
+    first = min((int(r["step"]) for r in new), default=None)
+    old = [r for r in csv.DictReader(open(previous)) if first is None or int(r["step"]) < first]
+    fields = list(dict.fromkeys(k for r in old + new for k in r))
+    tmp = csv_path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(old + new)
+    os.replace(tmp, csv_path)
+    previous.unlink()
+
+
+def full_transformer_state(trainer: L.Trainer, module: Any) -> dict[str, torch.Tensor] | None:
+    """The transformer's full state dict (gathered from FSDP shards; on rank 0, None elsewhere)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return module.transformer.state_dict()
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(trainer.strategy.model, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):  # fmt: skip
+        state = trainer.strategy.model.state_dict()
+    prefix = "transformer."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)} if trainer.is_global_zero else None
+
+
+def export(trainer: L.Trainer, module: Any, folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """The transformer in diffusers layout (config.json + safetensors), loadable by from_pretrained."""
+    from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
+
+    with torch.device("meta"):
+        model = DynamiCtrlTransformer3DModel.from_config(module.transformer.config)
+    model.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, assign=True)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train; returns paths of what was written (metrics.csv, checkpoints, exported transformer)."""
     out = Path(cfg.output)
@@ -45,22 +104,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     base = model_path(cfg)
     module = instantiate(cfg.module, model_path=base)
     datamodule = instantiate(cfg.data)
-    logger = CSVLogger(save_dir=str(out), name="", version="")
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
-                           every_n_train_steps=cfg.checkpoint_every)  # fmt: skip
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=[ckpt], default_root_dir=str(out))
     last = out / "checkpoints" / "last.ckpt"
-    resume = str(last) if cfg.resume and last.is_file() else None
-    if cfg.resume and resume is None:
-        raise UserError(f"resume=true but {last} does not exist")
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resume = resume_path(cfg, last)
+    metrics, previous = out / "metrics.csv", out / "metrics-before-resume.csv"
+    if resume and metrics.is_file() and not previous.is_file() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        os.replace(metrics, previous)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
+                           save_last=True, save_top_k=cfg.keep_checkpoints, every_n_train_steps=cfg.checkpoint_every,
+                           save_on_train_epoch_end=False)  # fmt: skip
+    callbacks = [ckpt, Throughput(), RNGState()]
+    if cfg.samples.every_n_steps:
+        callbacks.append(SampleVideo(str(out / "samples"), seed=cfg.seed, **cfg.samples))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out))
+    if trainer.is_global_zero:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     trainer.save_checkpoint(last)
-    export = out / "transformer"
-    module.transformer.save_pretrained(export, safe_serialization=True)
-    (out / "model.json").write_text(json.dumps({"base": str(Path(base).resolve()), "transformer": "transformer"}, indent=1))
-    skipped = datamodule.dataset.skipped if datamodule.dataset is not None else 0
-    print(f"train: {trainer.global_step} steps -> {out}/metrics.csv, {last}, {export} "
-          f"({skipped} corrupt samples skipped)")  # fmt: skip
-    return {"output": str(out), "metrics_csv": str(out / "metrics.csv"), "last_ckpt": str(last),
-            "transformer": str(export), "steps": trainer.global_step, "skipped_samples": skipped}  # fmt: skip
+    folder = out / "transformer"
+    state = full_transformer_state(trainer, module)
+    if trainer.is_global_zero:
+        merge_metrics(metrics, previous)
+        if module.ema is not None:  # the EMA weights are the export; the trained ones sit beside them
+            export(trainer, module, out / "transformer_raw", state)
+            state = {k: module.ema.get(k, v) for k, v in state.items()}
+        export(trainer, module, folder, state)
+        info = {"base": str(Path(base).resolve()), "transformer": "transformer", "ema": module.ema is not None}
+        (out / "model.json").write_text(json.dumps(info, indent=1))
+        print(f"train: {trainer.global_step} steps -> {out}/metrics.csv, {last}, {folder} "
+              f"({datamodule.skipped} corrupt samples skipped)")  # fmt: skip
+    return {"output": str(out), "metrics_csv": str(metrics), "last_ckpt": str(last),
+            "transformer": str(folder), "steps": trainer.global_step, "skipped_samples": datamodule.skipped,
+            "samples": [str(p) for c in callbacks if isinstance(c, SampleVideo) for p in c.written]}  # fmt: skip

@@ -1,0 +1,128 @@
+"""Training callbacks: throughput and memory, data-skip counts, RNG state, sample videos."""
+
+from __future__ import annotations
+
+import copy
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+from dynamictrl.models import latents as Z
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, else the process's peak resident set (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Throughput(L.Callback):
+    """Logs perf/step_s (wall time between step ends, data loading included), perf/samples_per_s and
+    perf/tokens_per_s (all ranks), perf/peak_mem_gb (this rank), and data/skipped (all ranks)."""
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        now = time.perf_counter()
+        if self._last is not None:
+            dt = now - self._last
+            world = trainer.world_size
+            module.log("perf/step_s", dt, on_step=True)
+            module.log("perf/samples_per_s", len(batch["caption"]) * world / dt, on_step=True)
+            module.log("perf/tokens_per_s", getattr(module, "last_tokens", 0) * world / dt, on_step=True)
+        self._last = now
+        module.log("perf/peak_mem_gb", peak_memory_gb(module.device), on_step=True)
+        skipped = getattr(trainer.datamodule, "skipped", None)
+        if skipped is not None:
+            module.log("data/skipped", float(skipped), on_step=True, reduce_fx="sum", sync_dist=trainer.world_size > 1)
+
+
+class RNGState(L.Callback):
+    """Saves and restores the global torch / numpy / python RNG states (the loss itself draws from a
+    per-step generator; this keeps anything else that uses global randomness on the same path)."""
+
+    def state_dict(self) -> dict[str, Any]:  # plain types and tensors only: loads with weights_only=True
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                          int(has_gauss), float(cached)],
+                "python": list(random.getstate()[1]),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate((3, tuple(state["python"]), None))
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SampleVideo(L.Callback):
+    """Every `every_n_steps` steps, animate the first clip of the batch with the current weights and
+    write DIR/samples/step-NNNNNN.mp4 (reference | pose | generated), also sent to wandb.
+
+    Runs on rank 0 with full weights only (single device, DDP, DeepSpeed ZeRO-1/2): under FSDP the
+    weights are sharded and the callback does nothing. Sampling uses its own generator and a copy of
+    the scheduler, so training draws and results are unchanged.
+    """
+
+    def __init__(self, folder: str, every_n_steps: int = 500, num_inference_steps: int = 25,
+                 guidance_scale: float = 3.0, fps: float = 8.0, seed: int = 0):  # fmt: skip
+        self.folder, self.every = Path(folder), every_n_steps
+        self.steps, self.guidance_scale, self.fps, self.seed = num_inference_steps, guidance_scale, fps, seed
+        self.written: list[Path] = []
+
+    def _full_weights(self, trainer: L.Trainer) -> bool:
+        stage = getattr(trainer.strategy, "zero_stage_3", False)
+        return isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)) and not stage
+
+    @torch.no_grad()
+    def sample(self, module: Any, batch: dict[str, Any], step: int) -> Path:
+        pipe = module.pipe
+        pipe.set_progress_bar_config(disable=True)
+        if "video" in batch:
+            ref = Z.tensor_to_frames(batch["video"][0, :, :1])[0]
+            pose = Z.tensor_to_frames(batch["pose"][0])
+            mask = batch["mask"][0, 0].cpu().numpy()
+        else:  # precomputed: the pose video back from its latents
+            ref = Z.tensor_to_frames(batch["ref"][0][:, None])[0]
+            pose = Z.tensor_to_frames(Z.decode_latents(pipe.vae, batch["pose_latents"][:1])[0])
+            mask = batch["ref_mask"][0].cpu().numpy()
+        scheduler, pipe.scheduler = pipe.scheduler, copy.deepcopy(pipe.scheduler)
+        was_training = module.transformer.training
+        module.transformer.eval()
+        try:
+            frames = pipe(ref, pose, prompt=batch["caption"][0], num_inference_steps=self.steps,
+                          guidance_scale=self.guidance_scale, ofs=module.hparams.ofs,
+                          reference_mask=mask if module.hparams.mask_reference else None,
+                          generator=torch.Generator().manual_seed(self.seed + step)).frames[0]  # fmt: skip
+        finally:
+            pipe.scheduler = scheduler
+            module.transformer.train(was_training)
+        from dynamictrl.animate.run import side_by_side
+        from dynamictrl.utils.video import write_video
+
+        path = write_video(self.folder / f"step-{step:06d}.mp4", side_by_side(ref, pose, frames), self.fps)
+        self.written.append(path)
+        return path
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        step = trainer.global_step
+        if not self.every or step % self.every or not trainer.is_global_zero or not self._full_weights(trainer):
+            return
+        path = self.sample(module, batch, step)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_video("samples", [str(path)], step=step, caption=[batch["caption"][0]], format=["mp4"])
