@@ -38,6 +38,11 @@ from torch.utils.data import DataLoader, IterableDataset
 from dynamictrl.data.shards import decode_sample, list_shards
 from dynamictrl.errors import UserError
 
+
+class PrecomputeMismatch(UserError):
+    """Precomputed shards made for other settings: a configuration error, not a corrupt sample."""
+
+
 PRECOMPUTED = ("latents.npy", "pose_latents.npy", "text.npy", "ref.npy", "ref_mask.npy", "txt", "json")
 
 
@@ -118,7 +123,7 @@ class ClipDataset(IterableDataset):
 
     # 3. Decoding.
     def decode(self, raw: dict) -> dict[str, Any]:
-        """One raw sample -> tensors; raises on a corrupt sample (UserError on a wrong configuration)."""
+        """One raw sample -> tensors; raises on a corrupt sample (PrecomputeMismatch on wrong settings)."""
         if "latents.npy" in raw:
             return self._decode_precomputed(raw)
         s = decode_sample(raw)
@@ -135,7 +140,7 @@ class ClipDataset(IterableDataset):
         meta = json.loads(raw["json"])
         made_for = meta.get("precompute", {}).get("num_frames")
         if made_for != self.num_frames:
-            raise UserError(f"{raw.get('__url__')}: precomputed for {made_for} frames, training uses "
+            raise PrecomputeMismatch(f"{raw.get('__url__')}: precomputed for {made_for} frames, training uses "
                             f"{self.num_frames}; run make precompute again with num_frames={self.num_frames}")  # fmt: skip
         as_float = lambda m: torch.from_numpy(_npy(raw[m])).float()  # noqa: E731
         return {"key": raw["__key__"], "latents": as_float("latents.npy"), "pose_latents": as_float("pose_latents.npy"),
@@ -148,7 +153,7 @@ class ClipDataset(IterableDataset):
         for raw in raws:
             try:
                 out.append(self.decode(raw))
-            except UserError:
+            except PrecomputeMismatch:
                 raise
             except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
                 self._pending += 1
