@@ -17,6 +17,10 @@ help: ## list the targets
 	@# SAM 2 ships as an sdist whose build wants torch: build it against ours, without its CUDA extension
 	@# (only a post-processing kernel; sam2 runs without it).
 	SAM2_BUILD_CUDA=0 .venv/bin/pip install -q -c constraints.txt --no-build-isolation "sam2==1.1.0"
+	@# DeepSpeed is an sdist too; DS_BUILD_OPS=0 builds no kernels ahead of time (they JIT on a GPU node),
+	@# so its strategy is built and tested here on CPU.
+	DS_BUILD_OPS=0 .venv/bin/pip install -q -c constraints.txt --no-build-isolation \
+		"deepspeed==0.19.8" hjson msgpack ninja py-cpuinfo einops
 	touch .venv.stamp
 
 setup: .venv.stamp ## create .venv with the pinned stack (no-op when up to date)

@@ -2,7 +2,6 @@
 and build their strategy objects on CPU."""
 
 import csv
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -57,15 +56,18 @@ def test_deepspeed_config_is_zero2_with_the_optimizer_on_the_cpu():
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cfg.trainer.precision == "bf16-mixed"
-    if importlib.util.find_spec("deepspeed") is None:  # not in the pinned stack (see docs/NOTES.md)
-        with pytest.raises(Exception, match="pip install deepspeed") as e:
-            strategy_of("deepspeed_zero2_offload")
-        assert isinstance(e.value.__cause__, UserError)
-    else:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        s = strategy_of("deepspeed_zero2_offload")
-        assert isinstance(s, DeepSpeedStrategy) and s.config["zero_optimization"]["stage"] == 2
+    s = strategy_of("deepspeed_zero2_offload")
+    assert isinstance(s, DeepSpeedStrategy) and s.config["zero_optimization"]["stage"] == 2
+    assert s.config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_deepspeed_missing_is_a_one_line_error_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # an import of it now raises ImportError
+    with pytest.raises(Exception, match="pip install deepspeed") as e:
+        strategy_of("deepspeed_zero2_offload")
+    assert isinstance(e.value.__cause__, UserError)
 
 
 def test_slurm_example_is_multi_node_ddp_with_the_slurm_environment():
