@@ -159,3 +159,7 @@ def test_pose_accuracy_of_a_real_video_against_its_own_poses_is_one(tmp_path):
     write_video(tmp_path / "ref" / "v.mp4", frames, 8)
     result = score(tmp_path / "gen", tmp_path / "ref", progress=False, pose_backend=MediaPipeHolistic())
     assert result["pose_pck"] == 1.0 and result["per_video"]["v"]["pose_pck"] == 1.0
+    write_report(result, tmp_path / "out")
+    rows = {r.split(" | ")[0]: r for r in (tmp_path / "out" / "report.md").read_text().splitlines()}
+    assert rows["| pose_pck"].startswith("| pose_pck | 1 | body keypoints re-extracted")
+    assert "| pose_mean_distance | 0 | mean distance" in rows["| pose_mean_distance"]

@@ -77,9 +77,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     generate_all(out / "train", samples, out / "trained", cfg.animate, "trained")
     generate_all(base, samples, out / "untrained", cfg.animate, "untrained")
     print("[5/6] evaluation")
-    results = {}
+    from dynamictrl.pose.mediapipe_backend import MediaPipeHolistic  # real weights, shipped in the wheel
+
+    results, poses = {}, MediaPipeHolistic()
     for label in ("trained", "untrained"):
-        results[label] = score(out / label, out / "reference")
+        results[label] = score(out / label, out / "reference", pose_backend=poses,
+                               side_by_side=out / "eval" / label / "side_by_side")  # fmt: skip
         write_report(results[label], out / "eval" / label, title=f"Demo: {label} model on held-out clips")
     print("[6/6] report")
     s = samples[0]
@@ -90,7 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sheet = np.concatenate([side_by_side(s["frames"][0], s["pose"], untrained, gen, s["frames"])[i]
                             for i in range(0, len(gen), 2)], axis=0)  # fmt: skip
     Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(out / "side_by_side.png")
-    keys = ("l1", "ssim", "psnr", "psnr_star")
+    keys = ("l1", "ssim", "psnr", "psnr_star", "pose_pck")
     report = {label: {k: results[label][k] for k in keys} for label in results}
     report |= {"protocol": results["trained"]["protocol"], "held_out_clips": len(samples),
                "train_steps": trained["steps"], "seconds": time.perf_counter() - start,
@@ -98,11 +101,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                and report["trained"]["l1"] < report["untrained"]["l1"])}  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=1))
     rows = "\n".join(f"| {label} | {report[label]['l1']:.3e} | {report[label]['ssim']:.3f} | "
-                     f"{report[label]['psnr']:.2f} | {report[label]['psnr_star']:.2f} |" for label in results)  # fmt: skip
+                     f"{report[label]['psnr']:.2f} | {report[label]['psnr_star']:.2f} | {report[label]['pose_pck']:.3f} |" for label in results)  # fmt: skip
     (out / "report.md").write_text(
         f"# dynamictrl demo\n\nThe embedded tiny model trained for {trained['steps']} steps on synthetic clips, "
         f"scored on {len(samples)} held-out clips (protocol `disco`, see eval/*/report.md).\n\n"
-        f"| model | L1 | SSIM | PSNR (uint8, DisCo) | PSNR* |\n|---|---|---|---|---|\n{rows}\n\n"
+        f"| model | L1 | SSIM | PSNR (uint8, DisCo) | PSNR* | pose PCK (MediaPipe) |\n|---|---|---|---|---|---|\n{rows}\n\n"
         f"Side by side (reference | pose | generated | ground truth): `side_by_side.mp4`.\n\n"
         f"![reference | pose | untrained | trained | ground truth, every other frame](side_by_side.png)\n"
     )

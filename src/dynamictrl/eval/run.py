@@ -33,6 +33,14 @@ NOT_COMPUTED = {
     "clip_alignment": "not computed: no CLIP weights configured (metrics.clip)",
 }
 DISTRIBUTION = ("fid", "fid_vid", "fvd")
+# Metrics whose definition does not depend on the protocol.
+DEFINITIONS = {
+    "pose_pck": "body keypoints re-extracted from the generated video within 0.1 x the driving person's box "
+                "of the driving pose (visibility > 0.3; a missed keypoint is wrong)",
+    "pose_mean_distance": "mean distance of the keypoints found in both, in units of the driving person's box",
+    "clip_consistency": "mean cosine similarity of CLIP image embeddings of consecutive generated frames",
+    "clip_alignment": "mean cosine similarity of each generated frame's CLIP embedding with the prompt's",
+}
 
 def entries(folder: Path) -> dict[str, Path]:
     """name -> path for each video file or frame folder in `folder`."""
@@ -200,9 +208,10 @@ def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", d
     proto = result["protocol"]
     lines = [f"# {title}", "", f"{result['videos']} videos, {result['frames']} frames, protocol `{proto['name']}`.", "",
              "| metric | value | definition |", "|---|---|---|"]  # fmt: skip
-    for k in (*METRICS, "lpips", "pose_pck", "fid", "fid_vid", "fvd", "clip_consistency", "clip_alignment"):
+    for k in (*METRICS, "lpips", "pose_pck", "pose_mean_distance", "fid", "fid_vid", "fvd", "clip_consistency",
+              "clip_alignment"):  # fmt: skip
         if k in result:
-            lines.append(f"| {k} | {_fmt(result[k])} | {_fmt(proto.get(k, 'see dynamictrl.eval'))} |")
+            lines.append(f"| {k} | {_fmt(result[k])} | {_fmt(proto.get(k) or DEFINITIONS.get(k, 'see dynamictrl.eval'))} |")
     lines += ["", "Pairing: " + proto["pairing"] + ".", "",
               f"## Beside the paper's Table 2 ({dataset})", "",
               "L1 in E-04 units as published. Only figures computed under the same protocol are comparable.", "",
@@ -216,6 +225,8 @@ def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", d
         lines.append(f"| {method} | {tag} | " + " | ".join(vals) + " |")
     plots = write_plots(result, out) if result["per_video"] else []
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    if (out / "side_by_side").is_dir():
+        lines += ["", "Side by side (generated | reference), one video per pair: `side_by_side/NAME.mp4`."]
     lines += ["", "## Per video", "", "| video | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in result["per_video"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in cols) + " |")

@@ -40,7 +40,7 @@ def run(frames: int = 16, size: int = 256) -> tuple[dict, list[str]]:
     from dynamictrl.pose.dwpose_backend import DWPose
     from dynamictrl.pose.mediapipe_backend import MediaPipeHolistic, MediaPipeSelfieMasks
     from dynamictrl.preprocess.caption import QwenVLCaptioner
-    from dynamictrl.preprocess.masks import SegmentAnythingMasks, Sam2VideoMasks
+    from dynamictrl.preprocess.masks import Sam2VideoMasks, SegmentAnythingMasks
     from dynamictrl.testing import tiny_dwpose, tiny_qwen2vl, tiny_sam2
 
     video = _frames(frames, size)
