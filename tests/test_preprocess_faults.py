@@ -19,7 +19,7 @@ import webdataset as wds
 
 from dynamictrl import config
 from dynamictrl.preprocess.run import run
-from dynamictrl.utils.video import write_video
+from dynamictrl.utils.video import read_video, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,15 @@ def test_a_killed_run_leaves_no_partial_shard_and_resumes_to_the_same_shards(tmp
     assert resumed["skipped"] == len(listed) and resumed["done"] == 4 - len(listed)
     assert sorted(p.name for p in killed.glob("*.tar")) == sorted(p.name for p in whole.glob("*.tar"))
     a, b = members(whole), members(killed)
-    assert a.keys() == b.keys() and a == b
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].keys() == b[key].keys(), key
+        for name in a[key]:
+            if name.endswith("mp4"):  # libx264 here is not bit-reproducible from run to run: compare pixels
+                x, y = (read_video(s[key][name])[0].astype(np.int16) for s in (a, b))
+                assert x.shape == y.shape and np.abs(x - y).mean() < 1.5, (key, name)
+            else:  # metadata, keypoints, masks and captions are the same bytes
+                assert a[key][name] == b[key][name], (key, name)
 
 
 def test_slurm_array_launcher_composes():
