@@ -15,7 +15,9 @@ def group(name):
     return sorted(p.stem for p in (CONF / name).glob("*.yaml"))
 
 
-# GPU-only strategies (FSDP, DeepSpeed) are built as strategy objects in tests/test_train_distributed.py.
+# Every trainer config builds a Trainer on CPU (GPU settings swapped for CPU ones when there is no GPU).
+# FSDP and DeepSpeed Trainers refuse a CPU accelerator: their strategy objects are built in
+# tests/test_train_distributed.py.
 @pytest.mark.parametrize("trainer", [t for t in group("trainer") if not t.startswith(("fsdp", "deepspeed"))])
 @pytest.mark.parametrize("experiment", [None, *group("experiment")])
 def test_train_configs_compose_and_the_trainer_builds(trainer, experiment, tmp_path):
@@ -30,7 +32,7 @@ def test_train_configs_compose_and_the_trainer_builds(trainer, experiment, tmp_p
             cfg.trainer.update(accelerator="cpu", precision="32-true", devices=1, num_nodes=1)
             cfg.trainer.pop("plugins", None)  # SLURMEnvironment needs SLURM's variables
     trainer_obj = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
-    assert trainer_obj.max_steps == cfg.trainer.max_steps
+    assert trainer_obj.max_steps == cfg.trainer.max_steps and trainer_obj.gradient_clip_val == 1.0
     opt = instantiate(cfg.module.optimizer)
     import torch
 

@@ -78,18 +78,3 @@ def test_slurm_example_is_multi_node_ddp_with_the_slurm_environment():
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 8 and cfg.trainer.precision == "bf16-mixed"
     assert isinstance(instantiate(cfg.trainer.strategy), DDPStrategy)
     assert isinstance(instantiate(cfg.trainer.plugins[0]), SLURMEnvironment)
-
-
-# FSDP and DeepSpeed Trainers refuse a CPU accelerator: their strategy objects are built above instead.
-CPU_TRAINERS = sorted(p.stem for p in (config.conf_dir() / "trainer").glob("*.yaml")
-                      if not p.stem.startswith(("fsdp", "deepspeed")))  # fmt: skip
-
-
-@pytest.mark.parametrize("trainer", CPU_TRAINERS)
-def test_every_trainer_config_builds_a_trainer_on_cpu(trainer, tmp_path):
-    cfg = config.load("train", [f"trainer={trainer}", "data.train_shards=x", f"output={tmp_path}"])
-    overrides = {"accelerator": "cpu", "precision": "32-true", "devices": 1, "num_nodes": 1}
-    if "plugins" in cfg.trainer:  # the SLURM environment needs SLURM's variables (checked above)
-        overrides["plugins"] = None
-    t = instantiate(cfg.trainer, **overrides, logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
-    assert t.max_steps == cfg.trainer.max_steps and t.gradient_clip_val == 1.0
