@@ -60,6 +60,12 @@ def test_only_the_adapters_and_padaln_are_trainable(tiny_model):
     got = {n for n, p in module.transformer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert got == set(names)
 
+    # Checkpoints hold the trainable weights only, so a resume checks that they are all there.
+    kept = {f"transformer.{n}": p for n, p in module.trainable()}
+    module.on_load_checkpoint({"state_dict": kept})
+    with pytest.raises(UserError, match=r"resume: the checkpoint lacks 1 trainable weights .*same module.lora"):
+        module.on_load_checkpoint({"state_dict": dict(list(kept.items())[1:])})
+
 
 def test_pose_branch_variants_and_bf16_base(tiny_model):
     """Cross-attention's new layers are trained in full, not adapted; a bf16 base keeps float32 trainables."""
@@ -167,6 +173,42 @@ def test_trained_lora_animates_like_the_weights_merged_by_hand(trained, tiny_mod
     assert np.array_equal(output_video, lora_video)
 
 
+def test_a_lora_trained_on_a_plain_cogvideox_base_loads_onto_it(tiny_model, shards, tmp_path):
+    """The usual start: a CogVideoX-I2V folder with no pose branch. Training adds PadaLN (saved in full);
+    animate builds the base as DynamiCtrl and loads it, with model=RUN and with model=BASE lora=RUN/lora."""
+    import shutil
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    from dynamictrl.models.pipeline import DynamiCtrlPipeline
+    from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
+
+    pipe = DynamiCtrlPipeline.from_pretrained(tiny_model)
+    arch = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_") and k not in ("control", "pose_init")}
+    plain = CogVideoXTransformer3DModel(**arch)
+    assert not plain.load_state_dict(pipe.transformer.state_dict(), strict=False).missing_keys
+    pipe.register_modules(transformer=plain)
+    base = tmp_path / "cogvideox"
+    pipe.save_pretrained(base)
+    shutil.copy(tiny_model / "dynamictrl.json", base)
+    assert "CogVideoXTransformer3DModel" in (base / "model_index.json").read_text()
+
+    out = tmp_path / "run"
+    train(train_cfg(shards, base, out, "trainer.max_steps=2"))
+    with safe_open(str(out / "lora" / POSE_FILE), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    pose = np.random.default_rng(0).integers(0, 255, (9, 96, 64, 3), dtype=np.uint8)
+    results = []
+    for loaded in (load_pipeline(out), load_pipeline(base, out / "lora")):
+        assert isinstance(loaded.transformer, DynamiCtrlTransformer3DModel)
+        own = loaded.transformer.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in saved.items()) and len(saved) == 16
+        loaded.set_progress_bar_config(disable=True)
+        results.append(loaded(pose[0], pose, prompt="a person", num_inference_steps=2, output_type="latent",
+                              generator=torch.Generator().manual_seed(0)).frames)  # fmt: skip
+    assert torch.equal(results[0], results[1])
+
+
 def test_bad_lora_paths_are_one_line_errors(trained, tiny_model, tmp_path):
     out, _ = trained
     (tmp_path / "empty").mkdir()
@@ -222,3 +264,24 @@ def test_lora_resume_is_exact_and_ema_works(tiny_model, shards, tmp_path):
         assert not torch.equal(f.get_tensor(key), g.get_tensor(key))
     ckpt = torch.load(resumed["last_ckpt"], weights_only=True, map_location="cpu")
     assert set(ckpt["ema"]["state"]) == {k.removeprefix("transformer.") for k in ckpt["state_dict"]}
+
+
+@pytest.mark.parametrize("recipe, clip, static_gb", [("lora-24gb", "cogvideox1.5-480p", 15.2),
+                                                     ("lora-48gb", "cogvideox1.5", 16.2)])  # fmt: skip
+def test_lora_recipes_build_the_5b_model_as_their_estimates_say(recipe, clip, static_gb):
+    """The recipe's settings on the full-size model (meta device): frozen bf16 + trainable fp32 bytes are
+    the weights-and-optimizer figure in its comment, and its clip config has its frame count."""
+    from dynamictrl.models.lora import add_lora
+    from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
+
+    cfg = config.load("train", [f"experiment={recipe}", "data.train_shards=x", "model.path=/m"])
+    assert cfg.module.gradient_checkpointing and cfg.samples.every_n_steps == 0 and cfg.trainer.devices == 1
+    assert config.load("preprocess", [f"clip={clip}", "input=x", "output=y"]).num_frames == cfg.model.num_frames
+    with torch.device("meta"):
+        model = DynamiCtrlTransformer3DModel(**cfg.model.transformer)
+        add_lora(model, **cfg.module.lora)
+    params = list(model.parameters())
+    assert {p.dtype for p in params if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in params if not p.requires_grad} == {torch.bfloat16}
+    static = sum(p.numel() * (16 if p.requires_grad else 2) for p in params)  # AdamW: weight, grad, m, v
+    assert static / 1e9 == pytest.approx(static_gb, abs=0.1)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from dynamictrl.animate.align import retarget
 from dynamictrl.errors import UserError
 from dynamictrl.models import embedded
-from dynamictrl.models.lora import load_lora
+from dynamictrl.models.lora import load_lora, pose_control
 from dynamictrl.models.pipeline import DynamiCtrlPipeline
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 from dynamictrl.pose import layout as L
@@ -42,33 +42,44 @@ def load_pipeline(model: str | Path | None = None, lora: str | Path | None = Non
     """A pipeline folder, a training output (base + exported transformer or LoRA), or the embedded model,
     with the DPM scheduler on trailing timesteps (the official inference's), whatever the folder ships;
     `lora` (a folder written by LoRA training) is loaded on top at `lora_scale`."""
-    pipe, own_lora = _load(model)
-    if lora and own_lora:
-        raise UserError(f"model={model} is a LoRA training output already; give model=BASE lora={lora} instead")
-    if lora or own_lora:
-        load_lora(pipe, lora or own_lora, lora_scale)
+    pipe, lora = _load(model, lora)
+    if lora:
+        load_lora(pipe, lora, lora_scale)
     elif lora_scale != 1.0:
         raise UserError(f"lora_scale={lora_scale} needs lora=PATH")
     pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     return pipe
 
 
-def _load(model: str | Path | None) -> tuple[DynamiCtrlPipeline, Path | None]:
-    """The pipeline, and the LoRA folder a training output names (None for other models)."""
+def _load(model: str | Path | None, lora: str | Path | None) -> tuple[DynamiCtrlPipeline, str | Path | None]:
+    """The pipeline, and the LoRA to load into it: `lora`, or the one a LoRA training output names."""
     path = Path(model) if model else embedded.ensure()
     if (path / "model_index.json").is_file():
-        return DynamiCtrlPipeline.from_pretrained(path), None
+        return (_lora_base(path, lora) if lora else DynamiCtrlPipeline.from_pretrained(path)), lora
     if (path / "model.json").is_file():
         info = json.loads((path / "model.json").read_text())
         if not (Path(info["base"]) / "model_index.json").is_file():
             raise UserError(f"model={path}: its base model {info['base']} is not a pipeline folder (moved or deleted?)")
         if info.get("lora"):
-            return DynamiCtrlPipeline.from_pretrained(info["base"]), path / info["lora"]
+            if lora:
+                raise UserError(f"model={path} is a LoRA training output already; give model=BASE lora={lora} instead")
+            return _lora_base(info["base"], path / info["lora"]), path / info["lora"]
+        if lora:
+            raise UserError(f"lora={lora} goes with the base model it was trained on; model={path} is a fine-tuned one")
         transformer = DynamiCtrlTransformer3DModel.from_pretrained(path / info["transformer"])
         return DynamiCtrlPipeline.from_pretrained(info["base"], transformer=transformer), None
     if not path.exists():
         raise UserError(f"model={path}: no such folder")
     raise UserError(f"model={path}: neither a pipeline folder (model_index.json) nor a training output (model.json)")
+
+
+def _lora_base(base: str | Path, lora: str | Path) -> DynamiCtrlPipeline:
+    """The base pipeline for a LoRA, its transformer built as DynamiCtrl with the pose branch the LoRA
+    carries: a plain CogVideoX base (what LoRA training usually starts from) has none."""
+    control = pose_control(lora)
+    transformer = DynamiCtrlTransformer3DModel.from_pretrained(base, subfolder="transformer",
+                                                               **({"control": control} if control else {}))  # fmt: skip
+    return DynamiCtrlPipeline.from_pretrained(base, transformer=transformer)
 
 
 def crop_region(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:

@@ -130,18 +130,39 @@ def _read(path: Path, arg: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise UserError(f"{arg}: {path.name} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
 
 
-def check_lora(path: str | Path, model: nn.Module) -> tuple[Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Resolve and validate a saved LoRA for `model`; one-line UserErrors name `lora=PATH` and the problem.
-
-    Returns (the LoRA file, its adapter weights, the pose-branch weights (empty if the folder has none))."""
+def lora_file(path: str | Path) -> Path:
+    """The adapter file of `lora=PATH` (a folder written by training, or the file itself)."""
     path = Path(path)
-    arg = f"lora={path}"
     if not path.exists():
-        raise UserError(f"{arg}: no such file or folder")
+        raise UserError(f"lora={path}: no such file or folder")
     file = path / LORA_FILE if path.is_dir() else path
     if not file.is_file():
-        raise UserError(f"{arg}: no {LORA_FILE} in this folder (training with module.lora.rank writes OUTPUT/lora/)")
-    adapters, _ = _read(file, arg)
+        raise UserError(f"lora={path}: no {LORA_FILE} in this folder (training with module.lora.rank writes OUTPUT/lora/)")
+    return file
+
+
+def pose_control(path: str | Path) -> str | None:
+    """The `control` mode whose pose branch a saved LoRA carries (None: it carries none), so that a
+    plain CogVideoX base can be given the matching branch before the weights are loaded."""
+    pose = lora_file(path).parent / POSE_FILE
+    if not pose.is_file():
+        return None
+    keys = _read(pose, f"lora={path}")[0].keys()
+    if any(".control_norm1." in k for k in keys):
+        return "padaln"
+    if any(".attn2." in k for k in keys):
+        return "cross_attn"
+    return "uvt" if any(k.startswith("patch_embed.proj.") for k in keys) else None
+
+
+def check_lora(path: str | Path, model: nn.Module) -> tuple[Path, dict, dict, dict]:
+    """Resolve and validate a saved LoRA for `model`; one-line UserErrors name `lora=PATH` and the problem.
+
+    Returns the LoRA file, its adapter weights, the pose-branch weights (empty if the folder has none)
+    and the file's metadata."""
+    arg = f"lora={path}"
+    file = lora_file(path)
+    adapters, meta = _read(file, arg)
     modules = dict(model.named_modules())
     for key, value in adapters.items():
         name, _, kind = key.removeprefix("transformer.").rpartition(".lora_")
@@ -166,7 +187,7 @@ def check_lora(path: str | Path, model: nn.Module) -> tuple[Path, dict[str, torc
             if key not in own or own[key].shape != value.shape:
                 raise UserError(f"{arg}: {POSE_FILE} has {key} {tuple(value.shape)}, which this model "
                                 f"{'lacks' if key not in own else 'holds as ' + str(tuple(own[key].shape))}")  # fmt: skip
-    return file, adapters, pose
+    return file, adapters, pose, meta
 
 
 def load_lora(pipe: Any, path: str | Path, scale: float = 1.0) -> dict[str, Any]:
@@ -174,12 +195,12 @@ def load_lora(pipe: Any, path: str | Path, scale: float = 1.0) -> dict[str, Any]
     pose-branch weights in place of the pipeline's. Returns what was loaded (for the run's settings)."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise UserError(f"lora_scale={scale!r}: must be a number")
-    file, adapters, pose = check_lora(path, pipe.transformer)
+    file, adapters, pose, meta = check_lora(path, pipe.transformer)
     pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=ADAPTER)
     pipe.set_adapters([ADAPTER], [float(scale)])
     if pose:
         ref = next(pipe.transformer.parameters())
         pipe.transformer.load_state_dict({k: v.to(ref.dtype) for k, v in pose.items()}, strict=False)
-    meta = json.loads(_read(file, f"lora={path}")[1].get("lora_adapter_metadata", "{}") or "{}")
+    config = json.loads(meta.get("lora_adapter_metadata") or "{}")
     return {"lora": str(file.parent), "lora_scale": float(scale), "lora_layers": len(adapters) // 2,
-            "pose_branch_tensors": len(pose), "rank": meta.get("transformer.r")}  # fmt: skip
+            "pose_branch_tensors": len(pose), "rank": config.get("transformer.r")}  # fmt: skip
