@@ -80,6 +80,17 @@ def test_pose_branch_variants_and_bf16_base(tiny_model):
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
 
 
+def test_a_bf16_base_trains_and_samples_under_autocast_and_refuses_full_precision(tiny_model, shards, tmp_path):
+    bf16 = ("module.lora.base_dtype=bfloat16", "trainer.max_steps=1")
+    result = train(train_cfg(shards, tiny_model, tmp_path / "a", *bf16, "trainer.precision=bf16-mixed",
+                             "samples.every_n_steps=1", "samples.num_inference_steps=1"))  # fmt: skip
+    assert result["steps"] == 1 and len(result["samples"]) == 1
+    with safe_open(str(tmp_path / "a" / "lora" / POSE_FILE), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    with pytest.raises(UserError, match="base_dtype=bfloat16 needs autocast: trainer.precision=bf16-mixed"):
+        train(train_cfg(shards, tiny_model, tmp_path / "b", *bf16))
+
+
 @pytest.mark.parametrize("extra, message", [
     (["module.lora.rank=-2"], "module.lora.rank=-2: must be a positive integer"),
     (["module.lora.target_modules=[to_z]"], r"target_modules=\['to_z'\]: matches no linear layer"),

@@ -95,6 +95,9 @@ class DynamiCtrlModule(L.LightningModule):
         self.last_tokens = 0  # tokens (video + text) in the last batch, for throughput logging
 
     def on_fit_start(self) -> None:
+        if self.lora and self.lora.get("base_dtype") and "mixed" not in str(self.trainer.precision):
+            raise UserError(f"module.lora.base_dtype={self.lora['base_dtype']} needs autocast: "
+                            f"trainer.precision=bf16-mixed (got {self.trainer.precision})")  # fmt: skip
         self.pipe.vae.to(self.device)
         self.pipe.text_encoder.to(self.device)
         if self.hparams.ema_decay and self.ema is None:
