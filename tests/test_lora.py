@@ -34,7 +34,7 @@ def module_for(tiny_model, *extra):
 
 
 def test_only_the_adapters_and_padaln_are_trainable(tiny_model):
-    module = module_for(tiny_model, "module.lr_scheduler=null")
+    module = module_for(tiny_model, "module.lr_scheduler=null", "module.gradient_checkpointing=true")
     names = [n for n, _ in module.trainable()]
     lora = [n for n in names if ".lora_" in n]
     pose = [n for n in names if ".control_norm1." in n]

@@ -166,12 +166,12 @@ def check_lora(path: str | Path, model: nn.Module) -> tuple[Path, dict, dict, di
     modules = dict(model.named_modules())
     for key, value in adapters.items():
         name, _, kind = key.removeprefix("transformer.").rpartition(".lora_")
-        layer = modules.get(name)
         if kind not in ("A.weight", "B.weight") or not key.startswith("transformer."):
             raise UserError(f"{arg}: {key} is not a diffusers LoRA key (transformer.<module>.lora_A/B.weight)")
-        if not isinstance(getattr(layer, "base_layer", layer), nn.Linear):
+        layer = modules.get(name)
+        base = getattr(layer, "base_layer", layer)  # a layer that already carries an adapter
+        if not isinstance(base, nn.Linear):
             raise UserError(f"{arg}: {name} is not a linear layer of this model (a LoRA for another model?)")
-        base = getattr(layer, "base_layer", layer)
         want = base.in_features if kind == "A.weight" else base.out_features
         got = value.shape[1] if kind == "A.weight" else value.shape[0]
         if value.ndim != 2 or got != want:
@@ -192,7 +192,7 @@ def check_lora(path: str | Path, model: nn.Module) -> tuple[Path, dict, dict, di
 
 def load_lora(pipe: Any, path: str | Path, scale: float = 1.0) -> dict[str, Any]:
     """Load a saved LoRA into `pipe.transformer` as adapter "dynamictrl" at `scale` (unfused), and its
-    pose-branch weights in place of the pipeline's. Returns what was loaded (for the run's settings)."""
+    pose-branch weights in place of the pipeline's. Returns a summary of what was loaded."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise UserError(f"lora_scale={scale!r}: must be a number")
     file, adapters, pose, meta = check_lora(path, pipe.transformer)
