@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from dynamictrl.animate.align import retarget
 from dynamictrl.errors import UserError
 from dynamictrl.models import embedded
+from dynamictrl.models.lora import load_lora, pose_control
 from dynamictrl.models.pipeline import DynamiCtrlPipeline
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 from dynamictrl.pose import layout as L
@@ -36,27 +37,49 @@ from dynamictrl.pose.render import render_pose, render_video
 from dynamictrl.utils.video import read_image, read_video, write_video
 
 
-def load_pipeline(model: str | Path | None = None) -> DynamiCtrlPipeline:
-    """A pipeline folder, a training output (base + exported transformer), or the embedded model,
-    with the DPM scheduler on trailing timesteps (the official inference's), whatever the folder ships."""
-    pipe = _load(model)
+def load_pipeline(model: str | Path | None = None, lora: str | Path | None = None,
+                  lora_scale: float = 1.0) -> DynamiCtrlPipeline:  # fmt: skip
+    """A pipeline folder, a training output (base + exported transformer or LoRA), or the embedded model,
+    with the DPM scheduler on trailing timesteps (the official inference's), whatever the folder ships;
+    `lora` (a folder written by LoRA training) is loaded on top at `lora_scale`."""
+    pipe, lora = _load(model, lora)
+    if lora:
+        load_lora(pipe, lora, lora_scale)
+    elif lora_scale != 1.0:
+        raise UserError(f"lora_scale={lora_scale} needs lora=PATH")
     pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     return pipe
 
 
-def _load(model: str | Path | None) -> DynamiCtrlPipeline:
+def _load(model: str | Path | None, lora: str | Path | None) -> tuple[DynamiCtrlPipeline, str | Path | None]:
+    """The pipeline, and the LoRA to load into it: `lora`, or the one a LoRA training output names."""
     path = Path(model) if model else embedded.ensure()
     if (path / "model_index.json").is_file():
-        return DynamiCtrlPipeline.from_pretrained(path)
+        return (_lora_base(path, lora) if lora else DynamiCtrlPipeline.from_pretrained(path)), lora
     if (path / "model.json").is_file():
         info = json.loads((path / "model.json").read_text())
         if not (Path(info["base"]) / "model_index.json").is_file():
             raise UserError(f"model={path}: its base model {info['base']} is not a pipeline folder (moved or deleted?)")
+        if info.get("lora"):
+            if lora:
+                raise UserError(f"model={path} is a LoRA training output already; give model=BASE lora={lora} instead")
+            return _lora_base(info["base"], path / info["lora"]), path / info["lora"]
+        if lora:
+            raise UserError(f"lora={lora} goes with the base model it was trained on; model={path} is a fine-tuned one")
         transformer = DynamiCtrlTransformer3DModel.from_pretrained(path / info["transformer"])
-        return DynamiCtrlPipeline.from_pretrained(info["base"], transformer=transformer)
+        return DynamiCtrlPipeline.from_pretrained(info["base"], transformer=transformer), None
     if not path.exists():
         raise UserError(f"model={path}: no such folder")
     raise UserError(f"model={path}: neither a pipeline folder (model_index.json) nor a training output (model.json)")
+
+
+def _lora_base(base: str | Path, lora: str | Path) -> DynamiCtrlPipeline:
+    """The base pipeline for a LoRA, its transformer built as DynamiCtrl with the pose branch the LoRA
+    carries: a plain CogVideoX base (what LoRA training usually starts from) has none."""
+    control = pose_control(lora)
+    transformer = DynamiCtrlTransformer3DModel.from_pretrained(base, subfolder="transformer",
+                                                               **({"control": control} if control else {}))  # fmt: skip
+    return DynamiCtrlPipeline.from_pretrained(base, transformer=transformer)
 
 
 def crop_region(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -203,7 +226,7 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
         raise UserError(f"no prompt: give prompt='...' or put a caption in {image_path.with_suffix('.txt')} "
                         f"(caption models come with the caption backends)")  # fmt: skip
 
-    pipe = pipe or load_pipeline(cfg.get("model"))
+    pipe = pipe or load_pipeline(cfg.get("model"), cfg.get("lora"), cfg.get("lora_scale", 1.0))
     defaults = model_defaults(pipe)
     height, width = choose_size(image, cfg.get("buckets") or defaults.get("buckets") or OFFICIAL_BUCKETS)
     height, width = int(cfg.get("height") or height), int(cfg.get("width") or width)

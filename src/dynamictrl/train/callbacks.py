@@ -102,11 +102,13 @@ class SampleVideo(L.Callback):
         scheduler, pipe.scheduler = pipe.scheduler, copy.deepcopy(pipe.scheduler)
         was_training = module.transformer.training
         module.transformer.eval()
+        base_dtype = (getattr(module, "lora", None) or {}).get("base_dtype")  # frozen bf16, trainables float32
         try:
-            frames = pipe(ref, pose, prompt=batch["caption"][0], num_inference_steps=self.steps,
-                          guidance_scale=self.guidance_scale, ofs=module.hparams.ofs,
-                          reference_mask=mask if module.hparams.mask_reference else None,
-                          generator=torch.Generator().manual_seed(self.seed + step)).frames[0]  # fmt: skip
+            with torch.autocast(module.device.type, getattr(torch, base_dtype or "float32"), enabled=bool(base_dtype)):
+                frames = pipe(ref, pose, prompt=batch["caption"][0], num_inference_steps=self.steps,
+                              guidance_scale=self.guidance_scale, ofs=module.hparams.ofs,
+                              reference_mask=mask if module.hparams.mask_reference else None,
+                              generator=torch.Generator().manual_seed(self.seed + step)).frames[0]  # fmt: skip
         finally:
             pipe.scheduler = scheduler
             module.transformer.train(was_training)

@@ -24,7 +24,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from dynamictrl.errors import UserError
 from dynamictrl.models import latents as Z
+from dynamictrl.models.lora import add_lora
 from dynamictrl.models.pipeline import DynamiCtrlPipeline
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 
@@ -46,6 +48,9 @@ class DynamiCtrlModule(L.LightningModule):
         ema_decay: keep an exponential moving average of the trainable weights (None: off, as in the
             official recipe); the decay ramps up as min(ema_decay, (1 + n) / (10 + n)) over updates n.
         seed: with the global step and the rank, seeds each step's random draws.
+        lora: `rank` (null or 0: full fine-tuning), `alpha`, `dropout`, `target_modules`, `base_dtype`:
+            train LoRA adapters with the base frozen and the pose branch in full (`models/lora.py`).
+            Checkpoints then hold the trainable weights only; the frozen ones come from `model_path`.
     """
 
     def __init__(
@@ -65,12 +70,17 @@ class DynamiCtrlModule(L.LightningModule):
         cache_latents: bool = False,
         ema_decay: float | None = None,
         seed: int = 0,
+        lora: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         choice = {k: v for k, v in (("control", control), ("pose_init", pose_init)) if v}
         self.transformer = DynamiCtrlTransformer3DModel.from_pretrained(model_path, subfolder="transformer", **choice)
+        self.lora = dict(lora) if lora and lora.get("rank") else None
+        if self.lora:
+            add_lora(self.transformer, **self.lora)
+            self.strict_loading = False  # checkpoints hold the trainable weights only (on_save_checkpoint)
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         pipe = DynamiCtrlPipeline.from_pretrained(model_path, transformer=self.transformer)
@@ -85,6 +95,9 @@ class DynamiCtrlModule(L.LightningModule):
         self.last_tokens = 0  # tokens (video + text) in the last batch, for throughput logging
 
     def on_fit_start(self) -> None:
+        if self.lora and self.lora.get("base_dtype") and "mixed" not in str(self.trainer.precision):
+            raise UserError(f"module.lora.base_dtype={self.lora['base_dtype']} needs autocast: "
+                            f"trainer.precision=bf16-mixed (got {self.trainer.precision})")  # fmt: skip
         self.pipe.vae.to(self.device)
         self.pipe.text_encoder.to(self.device)
         if self.hparams.ema_decay and self.ema is None:
@@ -208,10 +221,17 @@ class DynamiCtrlModule(L.LightningModule):
             torch._foreach_lerp_([self.ema[k] for k in names], [p.detach().float() for p in params], 1 - decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora:  # the frozen base is model_path's: saving it at every checkpoint would cost GBs at 5B
+            keep = {f"transformer.{n}" for n, _ in self.trainable()}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         if self.ema is not None:
             checkpoint["ema"] = {"updates": self._ema_updates, "state": {k: v.cpu() for k, v in self.ema.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = [n for n, _ in self.trainable() if f"transformer.{n}" not in checkpoint["state_dict"]]
+        if self.lora and missing:  # strict loading is off under LoRA: check the trainable part ourselves
+            raise UserError(f"resume: the checkpoint lacks {len(missing)} trainable weights (e.g. {missing[0]}); "
+                            f"was it trained with the same module.lora settings?")  # fmt: skip
         if "ema" in checkpoint and self.hparams.ema_decay:
             self._ema_updates, self.ema = checkpoint["ema"]["updates"], dict(checkpoint["ema"]["state"])
 

@@ -86,8 +86,15 @@ def full_transformer_state(trainer: L.Trainer, module: Any) -> dict[str, torch.T
 
 
 def export(trainer: L.Trainer, module: Any, folder: Path, state: dict[str, torch.Tensor]) -> None:
-    """The transformer in diffusers layout (config.json + safetensors), loadable by from_pretrained."""
+    """The transformer in diffusers layout (config.json + safetensors), loadable by from_pretrained;
+    under LoRA the adapters and the pose branch only (`models/lora.py`: the base stays where it is)."""
     from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
+
+    if getattr(module, "lora", None):
+        from dynamictrl.models.lora import save_lora
+
+        save_lora(folder, module.transformer, state)
+        return
 
     with torch.device("meta"):
         model = DynamiCtrlTransformer3DModel.from_config(module.transformer.config)
@@ -121,18 +128,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     trainer.save_checkpoint(last)
-    folder = out / "transformer"
+    kind = "lora" if getattr(module, "lora", None) else "transformer"  # what the export holds
+    folder = out / kind
     state = full_transformer_state(trainer, module)
     if trainer.is_global_zero:
         merge_metrics(metrics, previous)
         if module.ema is not None:  # the EMA weights are the export; the trained ones sit beside them
-            export(trainer, module, out / "transformer_raw", state)
+            export(trainer, module, out / f"{kind}_raw", state)
             state = {k: module.ema.get(k, v) for k, v in state.items()}
         export(trainer, module, folder, state)
-        info = {"base": str(Path(base).resolve()), "transformer": "transformer", "ema": module.ema is not None}
+        info = {"base": str(Path(base).resolve()), kind: kind, "ema": module.ema is not None}
         (out / "model.json").write_text(json.dumps(info, indent=1))
         print(f"train: {trainer.global_step} steps -> {out}/metrics.csv, {last}, {folder} "
               f"({datamodule.skipped} corrupt samples skipped)")  # fmt: skip
     return {"output": str(out), "metrics_csv": str(metrics), "last_ckpt": str(last),
-            "transformer": str(folder), "steps": trainer.global_step, "skipped_samples": datamodule.skipped,
+            kind: str(folder), "steps": trainer.global_step, "skipped_samples": datamodule.skipped,
             "samples": [str(p) for c in callbacks if isinstance(c, SampleVideo) for p in c.written]}  # fmt: skip
