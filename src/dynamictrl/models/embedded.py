@@ -149,7 +149,7 @@ def build(path: str | Path, vae_steps: int = 500, seed: int = 0, progress: bool 
                               transformer=transformer, scheduler=scheduler)  # fmt: skip
     pipe.save_pretrained(tmp)
     (tmp / "BUILD.json").write_text(json.dumps({"version": VERSION, "seed": seed, "vae_fit": stats}, indent=1))
-    # What animate should default to with this model (see dynamictrl.animate.run.model_defaults).
+    # What animate should default to with this model (`DynamiCtrlPipeline.settings`).
     defaults = {"buckets": [[HEIGHT, WIDTH], [WIDTH, HEIGHT]], "clip_frames": NUM_FRAMES}
     (tmp / "dynamictrl.json").write_text(json.dumps(defaults, indent=1))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,7 @@ class SampleVideo(L.Callback):
             mask = batch["mask"][0, 0].cpu().numpy()
         else:  # precomputed: the pose video back from its latents
             ref = Z.tensor_to_frames(batch["ref"][0][:, None])[0]
-            pose = Z.tensor_to_frames(Z.decode_latents(pipe.vae, batch["pose_latents"][:1])[0])
+            pose = Z.tensor_to_frames(module.codec.decode(batch["pose_latents"][:1])[0])
             mask = batch["ref_mask"][0].cpu().numpy()
         scheduler, pipe.scheduler = pipe.scheduler, copy.deepcopy(pipe.scheduler)
         was_training = module.transformer.training
@@ -108,6 +108,7 @@ class SampleVideo(L.Callback):
                 frames = pipe(ref, pose, prompt=batch["caption"][0], num_inference_steps=self.steps,
                               guidance_scale=self.guidance_scale, ofs=module.hparams.ofs,
                               reference_mask=mask if module.hparams.mask_reference else None,
+                              reference_scaling=module.codec.reference_scaling,
                               generator=torch.Generator().manual_seed(self.seed + step)).frames[0]  # fmt: skip
         finally:
             pipe.scheduler = scheduler

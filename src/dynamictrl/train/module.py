@@ -25,7 +25,6 @@ import lightning as L
 import torch
 
 from dynamictrl.errors import UserError
-from dynamictrl.models import latents as Z
 from dynamictrl.models.lora import add_lora
 from dynamictrl.models.pipeline import DynamiCtrlPipeline
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
@@ -51,6 +50,8 @@ class DynamiCtrlModule(L.LightningModule):
         lora: `rank` (null or 0: full fine-tuning), `alpha`, `dropout`, `target_modules`, `base_dtype`:
             train LoRA adapters with the base frozen and the pose branch in full (`models/lora.py`).
             Checkpoints then hold the trainable weights only; the frozen ones come from `model_path`.
+        reference_scaling: how the reference latent is scaled (`diffusers` | `official` | `scaled`, see
+            `models.latents`); None: the loaded checkpoint's convention. The export records it.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class DynamiCtrlModule(L.LightningModule):
         ema_decay: float | None = None,
         seed: int = 0,
         lora: dict[str, Any] | None = None,
+        reference_scaling: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -87,6 +89,7 @@ class DynamiCtrlModule(L.LightningModule):
         pipe.vae.requires_grad_(False).eval()
         pipe.text_encoder.requires_grad_(False).eval()
         object.__setattr__(self, "pipe", pipe)  # not a submodule: frozen parts stay out of checkpoints
+        self.codec = pipe.latent_codec(reference_scaling)  # encode/scale/pad as inference does
         self.transformer.train()
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._empty_text: torch.Tensor | None = None
@@ -136,13 +139,13 @@ class DynamiCtrlModule(L.LightningModule):
         if "latents" in batch:
             dtype = self.pipe.vae.dtype
             return batch["latents"].to(dtype), batch["pose_latents"].to(dtype)
-        vae, keys = self.pipe.vae, batch.get("key")
+        codec, keys = self.codec, batch.get("key")
         if not self.hparams.cache_latents or keys is None:
-            return Z.encode_video(vae, batch["video"]), Z.encode_video(vae, batch["pose"])
+            return codec.encode_video(batch["video"]), codec.encode_video(batch["pose"])
         todo = [i for i, k in enumerate(keys) if k not in self._latent_cache]
         if todo:
-            target = Z.encode_video(vae, batch["video"][todo])
-            pose = Z.encode_video(vae, batch["pose"][todo])
+            target = codec.encode_video(batch["video"][todo])
+            pose = codec.encode_video(batch["pose"][todo])
             for j, i in enumerate(todo):
                 self._latent_cache[keys[i]] = (target[j].cpu(), pose[j].cpu())
         pairs = [self._latent_cache[k] for k in keys]
@@ -152,7 +155,7 @@ class DynamiCtrlModule(L.LightningModule):
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """The training loss for one batch: raw (video/pose (B, 3, T, H, W) in [-1, 1], mask (B, T, H, W),
         caption) or precomputed (latents, pose_latents, text_embeds, ref (B, 3, H, W), ref_mask, caption)."""
-        hp, vae, sched = self.hparams, self.pipe.vae, self.pipe.scheduler
+        hp, sched = self.hparams, self.pipe.scheduler
         ref = batch["ref"] if "ref" in batch else batch["video"][:, :, 0]  # (B, 3, H, W)
         b, device = ref.shape[0], ref.device
 
@@ -169,14 +172,14 @@ class DynamiCtrlModule(L.LightningModule):
         with torch.no_grad():
             target, pose_lat = self.encode_clips(batch)  # (B, F, C, h, w) each
             n_lat = target.shape[1]
-            image_lat = Z.encode_reference(vae, ref, n_lat)
+            image_lat = self.codec.encode_reference(ref, n_lat)
             keep = (rand(b) >= hp.ref_drop).to(image_lat.dtype)
             image_lat = image_lat * keep[:, None, None, None, None]
             text = self.text_embeddings(batch, captions)
 
         # 2. Noise the target at uniform timesteps.
         p_t = self.transformer.config.patch_size_t
-        target_p, pose_p, image_p = (Z.pad_for_patch_t(x, p_t) for x in (target, pose_lat, image_lat))
+        target_p, pose_p, image_p = (self.codec.pad(x) for x in (target, pose_lat, image_lat))
         noise = torch.randn(target_p.shape, generator=generator).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(device)
         noisy = sched.add_noise(target_p, noise, t)
@@ -195,7 +198,7 @@ class DynamiCtrlModule(L.LightningModule):
         x0 = sched.get_velocity(v, noisy, t)
         alpha_bar = sched.alphas_cumprod.to(device)[t]
         weight = (1 / (1 - alpha_bar)).view(b, 1, 1, 1, 1)
-        err = (weight * (Z.unpad(x0, n_lat) - target) ** 2).mean(dim=(1, 2, 3, 4))
+        err = (weight * (self.codec.unpad(x0, n_lat) - target) ** 2).mean(dim=(1, 2, 3, 4))
         return err.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

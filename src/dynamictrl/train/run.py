@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from dynamictrl.data.shards import list_shards
+from dynamictrl.data.shards import clip_settings, list_shards
 from dynamictrl.errors import UserError
 from dynamictrl.models import embedded
 from dynamictrl.train.callbacks import RNGState, SampleVideo, Throughput
@@ -102,6 +102,14 @@ def export(trainer: L.Trainer, module: Any, folder: Path, state: dict[str, torch
     model.save_pretrained(folder, safe_serialization=True)
 
 
+def export_settings(module: Any, datamodule: Any, base: str) -> dict[str, Any]:
+    """What animate needs to run the export as it was trained (`OUTPUT/dynamictrl.json`)."""
+    data = clip_settings(list_shards(datamodule.train_shards))
+    return {"num_frames": int(datamodule.num_frames), "buckets": data["buckets"], "fps": data["fps"],
+            "reference_scaling": module.codec.reference_scaling, "base": str(Path(base).resolve()),
+            "control": module.transformer.config.control}  # fmt: skip
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train; returns paths of what was written (metrics.csv, checkpoints, exported transformer)."""
     out = Path(cfg.output)
@@ -111,6 +119,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     base = model_path(cfg)
     module = instantiate(cfg.module, model_path=base)
     datamodule = instantiate(cfg.data)
+    try:  # the clip length must suit the model version's frame policy (models/latents.py)
+        module.codec.check_frames(int(datamodule.num_frames), "data.num_frames")
+    except ValueError as err:
+        raise UserError(str(err)) from None
     last = out / "checkpoints" / "last.ckpt"
     resume = resume_path(cfg, last)
     metrics, previous = out / "metrics.csv", out / "metrics-before-resume.csv"
@@ -139,6 +151,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         export(trainer, module, folder, state)
         info = {"base": str(Path(base).resolve()), kind: kind, "ema": module.ema is not None}
         (out / "model.json").write_text(json.dumps(info, indent=1))
+        (out / "dynamictrl.json").write_text(json.dumps(export_settings(module, datamodule, base), indent=1))
         print(f"train: {trainer.global_step} steps -> {out}/metrics.csv, {last}, {folder} "
               f"({datamodule.skipped} corrupt samples skipped)")  # fmt: skip
     return {"output": str(out), "metrics_csv": str(metrics), "last_ckpt": str(last),
