@@ -38,7 +38,8 @@ def test_the_demo_chain_writes_its_reports_videos_and_pictures(tiny_model, tmp_p
     static, truth = read_video(next((out / "static_reference").glob("*.mp4")))[0], read_video(next((out / "reference").glob("*.mp4")))[0]
     assert len(static) == len(truth) and all(np.abs(f.astype(int) - static[0]).mean() < 2 for f in static)
     assert np.abs(static[0].astype(int) - truth[0]).mean() < 2 and np.abs(static[-1].astype(int) - truth[-1]).mean() > 2
-    assert report["pck_over_static"] == pytest.approx(report["trained"]["pose_pck"] / report["static_reference"]["pose_pck"])
+    static_pck = report["static_reference"]["pose_pck"]
+    assert report["pck_over_static"] == (pytest.approx(report["trained"]["pose_pck"] / static_pck) if static_pck else None)
     assert "| static_reference |" in (out / "report.md").read_text()
     assert (out / "side_by_side.mp4").stat().st_size > 0 and (out / "side_by_side.png").stat().st_size > 0
     assert "| trained |" in (out / "report.md").read_text()

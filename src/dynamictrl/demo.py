@@ -68,10 +68,19 @@ ROWS = {
 }
 
 
+def finite(value: Any) -> Any:
+    """NaN (e.g. no keypoint found in any generated frame) as None: JSON has no NaN."""
+    return None if isinstance(value, float) and value != value else value
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else f"{value:{fmt}}"
+
+
 def report_markdown(report: dict[str, Any], samples: list[dict]) -> str:
     rows = "\n".join(
         f"| {label} | {r['l1']:.3e} | {r['ssim']:.3f} | {r['psnr']:.2f} | {r['psnr_star']:.2f} | "
-        f"{r['pose_pck']:.3f} | {r['pose_mean_distance']:.3f} | {ROWS[label]} |"
+        f"{_f(r['pose_pck'], '.3f')} | {_f(r['pose_mean_distance'], '.3f')} | {ROWS[label]} |"
         for label in LABELS if (r := report[label])
     )  # fmt: skip
     return (
@@ -81,7 +90,7 @@ def report_markdown(report: dict[str, Any], samples: list[dict]) -> str:
         f"when it lies within 0.1 of the person's box of the ground truth's.\n\n"
         f"| | L1 | SSIM | PSNR (uint8, DisCo) | PSNR* | pose PCK | pose distance | what |\n"
         f"|---|---|---|---|---|---|---|---|\n{rows}\n\n"
-        f"Trained pose PCK is {report['pck_over_static']:.2f}x the static reference's.\n\n"
+        f"Trained pose PCK over the static reference's: {_f(report['pck_over_static'], '.2f')}x.\n\n"
         f"Side by side (reference | pose | generated | ground truth): `side_by_side.mp4`.\n\n"
         f"![reference | pose | untrained | trained | ground truth, every other frame](side_by_side.png)\n"
     )
@@ -140,19 +149,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                             for i in range(0, len(gen), 2)], axis=0)  # fmt: skip
     Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(out / "side_by_side.png")
     keys = ("l1", "ssim", "psnr", "psnr_star", "pose_pck", "pose_mean_distance")
-    report = {label: {k: results[label][k] for k in keys} for label in results}
+    report = {label: {k: finite(results[label][k]) for k in keys} for label in results}
     t, u, static = report["trained"], report["untrained"], report["static_reference"]
     report |= {"protocol": results["trained"]["protocol"], "held_out_clips": len(samples),
                "train_steps": trained["steps"], "seconds": time.perf_counter() - start,
                "learned": bool(t["psnr_star"] > u["psnr_star"] and t["l1"] < u["l1"]),
                "beats_static_reference": bool(t["psnr_star"] > static["psnr_star"] and t["pose_pck"] > static["pose_pck"]),
-               "pck_over_static": t["pose_pck"] / max(static["pose_pck"], 1e-9)}  # fmt: skip
+               "pck_over_static": t["pose_pck"] / static["pose_pck"] if static["pose_pck"] else None}  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(report_markdown(report, samples))
     print(f"\ndemo finished in {report['seconds'] / 60:.1f} min:")
     for label in results:
         print(f"  {label:9s} L1 {report[label]['l1']:.3e}  SSIM {report[label]['ssim']:.3f}  PSNR* {report[label]['psnr_star']:.2f}")
-    print(f"  trained pose PCK is {report['pck_over_static']:.1f}x the static reference's")
+    print(f"  trained pose PCK over the static reference's: {_f(report['pck_over_static'], '.2f')}x")
     print(f"  shards      {shards}\n  checkpoint  {trained['last_ckpt']}\n  videos      {out}/trained, {out}/untrained\n"
           f"  side by side {side}\n  report      {out}/report.md, {out}/report.json")
     return report

@@ -3,8 +3,10 @@
 Built on first use under `data/embedded/` and then loaded by `DynamiCtrlPipeline.from_pretrained`,
 the same code that loads real weights. Its parts:
 
-- a CogVideoX VAE (3 levels: 4x space, 4x time, 16 latent channels), fitted for a short
-  reconstruction training on synthetic clips, because a random VAE decodes everything to noise;
+- a CogVideoX VAE (3 levels: 4x space, 4x time, 16 latent channels) fitted to synthetic clips and
+  their pose renders, because a random VAE decodes everything to noise. The fit takes about 20 CPU
+  minutes, so it is done once (`python -m dynamictrl.models.embedded fit-vae`) and shipped in the
+  package (`models/assets/tiny-vae.safetensors`, 0.3 MB, with its figures in the .json beside it);
 - a random T5 encoder with a word-level T5 tokenizer built offline (different captions give
   different embeddings; nothing about language is learnt);
 - a random DynamiCtrl transformer in the CogVideoX 1.5 layout (temporal patches, ofs, RoPE), 4 layers
@@ -20,19 +22,21 @@ import math
 import os
 import shutil
 import string
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from dynamictrl.models.pipeline import DynamiCtrlPipeline
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 
-VERSION = "tiny-v5"  # bump when the recipe below changes: the cache is keyed by it
+VERSION = "tiny-v6"  # bump when the recipe below changes: the cache is keyed by it
 HEIGHT, WIDTH, NUM_FRAMES = 96, 64, 9
 
 TRANSFORMER = dict(
@@ -77,7 +81,8 @@ def build_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bool = True, num_clips: int = 64) -> dict:
+def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bool = True, num_clips: int = 64,
+            callback=None) -> dict:
     """Short reconstruction training on synthetic clips and their rendered poses: L1 on single frames
     and 9-frame clips.
 
@@ -120,6 +125,8 @@ def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bo
         opt.step()
         sched.step()
         bar.set_postfix(l1=f"{loss.item():.3f}")
+        if callback is not None:
+            callback(step, vae)
     vae.eval()
     psnr = {}
     with torch.no_grad():
@@ -133,8 +140,45 @@ def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bo
     return {"steps": steps, **psnr, "latent_std": std, "seconds": time.perf_counter() - start}
 
 
-def build(path: str | Path, vae_steps: int = 500, seed: int = 0, progress: bool = True) -> Path:
-    """Build the embedded pipeline into `path` (atomically: a temporary folder, then a rename)."""
+VAE_ASSET = Path(__file__).with_name("assets") / "tiny-vae.safetensors"  # + .json beside it: the fit's figures
+VAE_STEPS = 3000  # the shipped VAE's fit (python -m dynamictrl.models.embedded fit-vae)
+
+
+def shipped_vae() -> AutoencoderKLCogVideoX | None:
+    """The VAE fitted once by `fit-vae` and shipped in the package, or None when it is missing or was
+    fitted for another architecture (then `build` fits one itself)."""
+    meta_path = VAE_ASSET.with_suffix(".json")
+    if not (VAE_ASSET.is_file() and meta_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("architecture") != json.loads(json.dumps(VAE)):
+        return None
+    vae = AutoencoderKLCogVideoX(**VAE)
+    vae.load_state_dict(load_file(VAE_ASSET), strict=True)
+    vae.register_to_config(scaling_factor=meta["scaling_factor"])
+    return vae.eval()
+
+
+def fit_vae_asset(steps: int = VAE_STEPS, seed: int = 0, progress: bool = True) -> dict:
+    """Fit the embedded VAE for `steps` and write it into the package (`VAE_ASSET` and its .json)."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(**VAE)
+    stats = fit_vae(vae, steps, seed, progress)
+    VAE_ASSET.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, VAE_ASSET)
+    meta = {"architecture": json.loads(json.dumps(VAE)), "scaling_factor": vae.config.scaling_factor,
+            "seed": seed, "fit": stats}  # fmt: skip
+    VAE_ASSET.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def build(path: str | Path, vae_steps: int | None = None, seed: int = 0, progress: bool = True) -> Path:
+    """Build the embedded pipeline into `path` (atomically: a temporary folder, then a rename).
+
+    `vae_steps=None` takes the VAE shipped in the package (fitted `VAE_STEPS` steps once, offline, by
+    `fit-vae`; minutes of CPU a fresh machine does not have to spend), or fits one for `VAE_STEPS` if
+    it is missing; a number fits one for that many steps (the tests' tiny builds).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -142,8 +186,12 @@ def build(path: str | Path, vae_steps: int = 500, seed: int = 0, progress: bool 
     tokenizer = build_tokenizer()
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5)).eval()
     transformer = DynamiCtrlTransformer3DModel(**TRANSFORMER)
-    vae = AutoencoderKLCogVideoX(**VAE)
-    stats = fit_vae(vae, vae_steps, seed, progress)
+    vae = shipped_vae() if vae_steps is None else None
+    if vae is not None:
+        stats = json.loads(VAE_ASSET.with_suffix(".json").read_text())["fit"] | {"shipped": True}
+    else:
+        vae = AutoencoderKLCogVideoX(**VAE)
+        stats = fit_vae(vae, vae_steps or VAE_STEPS, seed, progress)
     scheduler = CogVideoXDPMScheduler(**SCHEDULER)
     pipe = DynamiCtrlPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                               transformer=transformer, scheduler=scheduler)  # fmt: skip
@@ -160,10 +208,24 @@ def build(path: str | Path, vae_steps: int = 500, seed: int = 0, progress: bool 
     return path
 
 
-def ensure(path: str | Path | None = None, vae_steps: int = 500, progress: bool = True) -> Path:
+def ensure(path: str | Path | None = None, vae_steps: int | None = None, progress: bool = True) -> Path:
     """The embedded model's folder, built first if it is not there yet."""
     path = Path(path) if path else default_path()
     if not (path / "model_index.json").is_file():
-        print(f"Building the embedded tiny model in {path} (once; about 3 minutes on 2 CPU cores)")
+        print(f"Building the embedded tiny model in {path} (once; seconds with the shipped VAE)")
         build(path, vae_steps=vae_steps, progress=progress)
     return path
+
+
+def main(argv: list[str]) -> int:
+    """python -m dynamictrl.models.embedded fit-vae [STEPS]: refit the shipped VAE (bump VERSION after)."""
+    if not argv or argv[0] != "fit-vae" or len(argv) > 2 or (len(argv) == 2 and not argv[1].isdigit()):
+        print("usage: python -m dynamictrl.models.embedded fit-vae [STEPS]", file=sys.stderr)
+        return 2
+    meta = fit_vae_asset(int(argv[1]) if len(argv) == 2 else VAE_STEPS)
+    print(f"wrote {VAE_ASSET}: {json.dumps(meta['fit'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,53 @@
+"""The embedded model's VAE: fitted once offline, shipped in the package, loaded by every fresh build."""
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from dynamictrl.data.synthetic import make_video
+from dynamictrl.models import embedded
+from dynamictrl.pose.render import render_video
+
+
+def reconstruction_psnr(vae, clips: np.ndarray) -> float:
+    x = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (N, 3, T, H, W)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    return 10 * math.log10(4 / ((rec - x) ** 2).mean().item())
+
+
+def test_the_shipped_vae_reconstructs_unseen_clips_and_their_poses():
+    vae = embedded.shipped_vae()
+    assert vae is not None, f"{embedded.VAE_ASSET} is missing or was fitted for another architecture"
+    meta = json.loads(embedded.VAE_ASSET.with_suffix(".json").read_text())
+    assert meta["fit"]["steps"] == embedded.VAE_STEPS
+    # Videos the fit never saw (it drew seeds 10_000 onwards).
+    videos = [make_video(90_000 + i, embedded.NUM_FRAMES, embedded.HEIGHT, embedded.WIDTH, 8.0) for i in range(3)]
+    frames = np.stack([v["frames"] for v in videos])
+    poses = np.stack([render_video(v["kpts"], embedded.HEIGHT, embedded.WIDTH) for v in videos])
+    fresh = embedded.AutoencoderKLCogVideoX(**embedded.VAE).eval()
+    assert reconstruction_psnr(vae, frames) > reconstruction_psnr(fresh, frames) + 8
+    assert reconstruction_psnr(vae, frames) > meta["fit"]["held_out_psnr"] - 1.5
+    assert reconstruction_psnr(vae, poses) > meta["fit"]["held_out_pose_psnr"] - 1.5
+
+
+def test_builds_take_the_shipped_vae_unless_told_to_fit(tmp_path):
+    shipped = embedded.shipped_vae().state_dict()
+    built = embedded.build(tmp_path / "model", progress=False)
+    vae = embedded.AutoencoderKLCogVideoX.from_pretrained(built / "vae")
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in shipped.items())
+    assert json.loads((built / "BUILD.json").read_text())["vae_fit"]["shipped"] is True
+    fitted = embedded.AutoencoderKLCogVideoX.from_pretrained(embedded.build(tmp_path / "fit", vae_steps=1, progress=False) / "vae")
+    assert not torch.equal(fitted.state_dict()["encoder.conv_in.conv.weight"], shipped["encoder.conv_in.conv.weight"])
+
+
+def test_fit_vae_writes_an_asset_that_loads_and_a_foreign_one_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedded, "VAE_ASSET", tmp_path / "assets" / "tiny-vae.safetensors")
+    assert embedded.shipped_vae() is None
+    meta = embedded.fit_vae_asset(steps=1, progress=False)
+    vae = embedded.shipped_vae()
+    assert vae is not None and vae.config.scaling_factor == meta["scaling_factor"]
+    monkeypatch.setattr(embedded, "VAE", embedded.VAE | {"block_out_channels": (8, 8, 16)})
+    assert embedded.shipped_vae() is None  # fitted for another architecture: build fits a new one
