@@ -18,6 +18,8 @@ from dynamictrl.data.shards import list_shards
 from dynamictrl.errors import UserError
 from dynamictrl.models import embedded
 from dynamictrl.train.callbacks import RNGState, SampleVideo, Throughput
+from dynamictrl.train.datamodule import precomputed_dir
+from dynamictrl.train.plan import check_fits
 
 
 def model_path(cfg: DictConfig) -> str:
@@ -70,19 +72,23 @@ def merge_metrics(csv_path: Path, previous: Path) -> None:
 
 
 def full_transformer_state(trainer: L.Trainer, module: Any) -> dict[str, torch.Tensor] | None:
-    """The transformer's full state dict (gathered from FSDP shards; on rank 0, None elsewhere)."""
-    from lightning.pytorch.strategies import FSDPStrategy
+    """The transformer's full state dict on rank 0 (None elsewhere): gathered from FSDP2 shards or
+    DeepSpeed ZeRO-3 partitions (a collective: every rank calls it)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    if not isinstance(trainer.strategy, FSDPStrategy):
-        return module.transformer.state_dict()
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    with FSDP.state_dict_type(trainer.strategy.model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):  # fmt: skip
-        state = trainer.strategy.model.state_dict()
-    prefix = "transformer."
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)} if trainer.is_global_zero else None
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(module.transformer, options=opts)
+        return state if trainer.is_global_zero else None
+    if getattr(trainer.strategy, "zero_stage_3", False):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.transformer.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in module.transformer.state_dict().items()}
+        return state if trainer.is_global_zero else None
+    return module.transformer.state_dict()
 
 
 def export(trainer: L.Trainer, module: Any, folder: Path, state: dict[str, torch.Tensor]) -> None:
@@ -101,9 +107,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     ensure_demo_data(cfg)
+    check_fits(cfg)
     base = model_path(cfg)
-    module = instantiate(cfg.module, model_path=base)
     datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module, model_path=base, precomputed_dir=precomputed_dir(cfg.data.train_shards))
     last = out / "checkpoints" / "last.ckpt"
     resume = resume_path(cfg, last)
     metrics, previous = out / "metrics.csv", out / "metrics-before-resume.csv"
@@ -123,11 +130,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.save_checkpoint(last)
     folder = out / "transformer"
     state = full_transformer_state(trainer, module)
+    ema = module.ema.full_state() if module.ema is not None else None
     if trainer.is_global_zero:
         merge_metrics(metrics, previous)
-        if module.ema is not None:  # the EMA weights are the export; the trained ones sit beside them
+        if ema is not None:  # the EMA weights are the export; the trained ones sit beside them
             export(trainer, module, out / "transformer_raw", state)
-            state = {k: module.ema.get(k, v) for k, v in state.items()}
+            state = {k: ema.get(k, v) for k, v in state.items()}
         export(trainer, module, folder, state)
         info = {"base": str(Path(base).resolve()), "transformer": "transformer", "ema": module.ema is not None}
         (out / "model.json").write_text(json.dumps(info, indent=1))
