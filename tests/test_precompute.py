@@ -42,6 +42,7 @@ def test_precomputed_and_raw_batches_agree_under_every_recipe_option(tiny_model,
     cfg = config.load("train", ["experiment=demo", f"data.train_shards={shards}/train-*.tar", "data.num_workers=0",
                                 "data.batch_size=3", "module.cache_latents=false"])  # fmt: skip
     module = instantiate(cfg.module, model_path=str(tiny_model))
+    module.configure_model()
     batches = []
     for glob in (f"{shards}/train-*.tar", f"{precomputed}/*.tar"):
         dm = instantiate(cfg.data, train_shards=glob)

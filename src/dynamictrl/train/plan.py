@@ -163,12 +163,15 @@ def state_rows(kind: str, c: Counts, gpus: int, cfg: DictConfig) -> tuple[dict[s
         if ema:
             (rows if ema_gpu else host)["EMA (fp32)"] = 4 * T
     elif kind == "fsdp":
-        rows["weights (fp32 shard)"] = 4 * P / n
-        rows["gathered blocks (bf16, 2 in flight)"] = 2 * 2 * c.block if n > 1 else 0.0
-        rows["gradients (fp32 shard + a block unsharded)"] = 4 * T / n + 4 * c.block
-        rows["AdamW state (fp32 shard)"] = 8 * T / n
+        offload = bool(cfg.trainer.strategy.get("cpu_offload"))
+        shards = host if offload else rows  # CPUOffloadPolicy keeps the shards and AdamW in host memory
+        shards["weights (fp32 shard)"] = 4 * P / n
+        rows["gathered blocks (bf16, 2 in flight)"] = 2 * 2 * c.block if n > 1 or offload else 0.0
+        shards["gradients (fp32 shard)"] = 4 * T / n
+        rows["gradients (a block unsharded)"] = 4 * c.block
+        shards["AdamW state (fp32 shard)"] = 8 * T / n
         if ema:
-            (rows if ema_gpu else host)["EMA (fp32 shard)"] = 4 * T / n
+            (rows if ema_gpu and not offload else host)["EMA (fp32 shard)"] = 4 * T / n
     elif kind == "zero2":
         rows["weights (bf16)"] = 2 * P
         rows["gradients (bf16 partition + buckets)"] = 2 * T / n + bucket
@@ -184,11 +187,11 @@ def state_rows(kind: str, c: Counts, gpus: int, cfg: DictConfig) -> tuple[dict[s
 
 # 3. Activations, measured.
 def measure_activations(cfg: DictConfig, frames: int, height: int, width: int, batch: int, checkpointing: bool,
-                        num_layers: int | None = None) -> dict[str, float]:  # fmt: skip
+                        num_layers: int | None = None, count_flops: bool = False) -> dict[str, float]:  # fmt: skip
     """Peak bytes of activations and temporaries (weight gradients excluded) while the transformer
     (forward and backward) and while the VAE (the reference encode) run in one training step:
     `DynamiCtrlModule.loss` + backward on a precomputed-style batch under FakeTensorMode + MemTracker,
-    with the model's blocks or `num_layers` of them."""
+    with the model's blocks or `num_layers` of them. `count_flops`: the step's FLOPs instead."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -229,6 +232,12 @@ def measure_activations(cfg: DictConfig, frames: int, height: int, width: int, b
         module._empty_text = torch.zeros(arch["max_text_seq_length"], arch["text_embed_dim"])
     # The step itself runs outside the mode: its random draws (and their float() tests) stay real and
     # small; every op touching the fake weights and batch is still faked.
+    if count_flops:  # a run of its own: the FLOP counter's module hooks keep activations alive
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as flops, torch.autocast("cpu", dtype=torch.bfloat16):
+            module.loss(data, generator=torch.Generator().manual_seed(0)).backward()
+        return {"flops": float(flops.get_total_flops())}
     tracker = MemTracker()
     tracker.track_external(model, vae)
     with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
@@ -283,12 +292,25 @@ def activations_by_scaling(cfg: DictConfig, clip: tuple[int, int, int], batch: i
     and the pose stream, fp32 after autocast's LayerNorm; its whole activations without), so the
     transformer's peak is a + b * layers; the step's peak is the larger of that and the VAE's (the
     reference encode comes first). (A 42-block fake run takes minutes on 2 CPU cores; this, seconds.)"""
+    full = scaled(cfg, clip, batch, checkpointing)
+    return max(full["transformer"], full["vae"])
+
+
+def scaled(cfg: DictConfig, clip: tuple[int, int, int], batch: int, checkpointing: bool,
+           count_flops: bool = False) -> dict[str, float]:  # fmt: skip
+    """`measure_activations`' figures (transformer and VAE peaks, or the step's FLOPs) for the model's
+    full depth, from runs with 2 and 3 blocks."""
     layers = int(model_architecture(cfg)["num_layers"])
     if layers <= 3:
-        return max(measure_activations(cfg, *clip, batch, checkpointing).values())
-    two, three = (measure_activations(cfg, *clip, batch, checkpointing, num_layers=n) for n in (2, 3))
-    transformer = three["transformer"] + (three["transformer"] - two["transformer"]) * (layers - 3)
-    return max(transformer, two["vae"])  # the reference encode runs first, before the transformer's peak
+        return measure_activations(cfg, *clip, batch, checkpointing, count_flops=count_flops)
+    two, three = (measure_activations(cfg, *clip, batch, checkpointing, num_layers=n, count_flops=count_flops)
+                  for n in (2, 3))  # fmt: skip
+    return {k: three[k] + (three[k] - two[k]) * (layers - 3) if k != "vae" else three[k] for k in three}
+
+
+def step_flops(cfg: DictConfig, clip: tuple[int, int, int], batch: int) -> float:
+    """Model FLOPs of one training step (forward + backward, no recomputation), for MFU."""
+    return scaled(cfg, clip, batch, checkpointing=False, count_flops=True)["flops"]  # the reference encode runs first, before the transformer's peak
 
 
 def state_bytes(cfg: DictConfig, gpus: int) -> tuple[float, Plan]:

@@ -127,8 +127,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    trainer.save_checkpoint(last)
     folder = out / "transformer"
+    if not cfg.get("final_save", True):  # the GPU check: a 5B checkpoint would not fit its disk
+        if trainer.is_global_zero:
+            merge_metrics(metrics, previous)
+        return {"output": str(out), "metrics_csv": str(metrics), "steps": trainer.global_step}
+    trainer.save_checkpoint(last)
     state = full_transformer_state(trainer, module)
     ema = module.ema.full_state() if module.ema is not None else None
     if trainer.is_global_zero:
