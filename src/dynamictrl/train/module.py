@@ -167,6 +167,8 @@ class DynamiCtrlModule(L.LightningModule):
         config = build.transformer_config(hp.model_path, **choice)
         folder = Path(hp.model_path) / "transformer"
         if getattr(strategy, "zero_stage_3", False):  # created partitioned inside Lightning's zero.Init
+            if hp.ema_decay:
+                raise UserError("module.ema_decay: no EMA under DeepSpeed ZeRO-3 (partitioned weights); use trainer=fsdp")
             model = DynamiCtrlTransformer3DModel.from_config(config)
             if hp.weights == "pretrained":
                 build.load_weights_zero3(model, folder, self.global_rank)
@@ -198,6 +200,8 @@ class DynamiCtrlModule(L.LightningModule):
 
     def _build_frozen(self, dtype: torch.dtype) -> None:
         hp = self.hparams
+        if hp.weights == "random" and not hp.precomputed_dir:
+            raise UserError("module.weights=random has no T5 weights: train on precomputed shards")
         with torch.device("cpu"):  # on the CPU until on_fit_start moves what the run needs
             if hp.weights == "random":
                 parts = build.load_frozen_configs(hp.model_path, dtype)

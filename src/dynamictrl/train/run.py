@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         os.replace(metrics, previous)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
-                           save_last=True, save_top_k=cfg.keep_checkpoints, every_n_train_steps=cfg.checkpoint_every,
+                           save_last=bool(cfg.get("final_save", True)), save_top_k=cfg.keep_checkpoints, every_n_train_steps=cfg.checkpoint_every,
                            save_on_train_epoch_end=False)  # fmt: skip
     callbacks = [ckpt, Throughput(), RNGState()]
     if cfg.samples.every_n_steps:
