@@ -5,7 +5,7 @@ export PYTHONWARNINGS ?= ignore
 export GLOG_minloglevel ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: help setup demo test preprocess precompute train animate eval bench lint clean
+.PHONY: help setup demo ablation test preprocess precompute train animate eval bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ setup: .venv.stamp ## create .venv with the pinned stack (no-op when up to date)
 
 demo: setup ## the whole chain on embedded defaults: data, shards, training, animation, report
 	$(PY) pipelines/demo/main.py $(ARGS)
+
+ablation: setup ## the paper's Tables 3 and 4 in miniature: PadaLN, UVT, cross-attention, no text -> outputs/ablation/
+	$(PY) pipelines/ablation/main.py $(ARGS)
 
 test: setup ## the test suite
 	$(PY) -m pytest -q $(ARGS)

@@ -65,3 +65,24 @@ def test_background_prompt_replaces_the_background_sentence():
         "The person in the image is wearing a red shirt. The background is a beach at sunset."
     )
     assert replace_background("A dancer.", "The background is snow.") == "A dancer. The background is snow."
+
+
+def test_a_child_of_an_undetected_joint_stays_undetected_and_is_not_drawn():
+    """A missing right elbow (score 0, stored at (0, 0)) leaves the wrist and the hand undetected: built
+    from the elbow they would land around (0, 0) and be drawn there."""
+    from dynamictrl.pose import layout as L
+    from dynamictrl.pose.render import render_pose
+
+    drv = synthetic_pose(5)
+    ref = drv[0].copy()
+    assert drv[:, [3, 4], 2].min() > 0.3 and drv[:, L.RIGHT_HAND, 2].max() > 0.3  # elbow, wrist, hand seen
+    missing = drv.copy()
+    missing[2, 3] = 0.0  # frame 2: the right elbow undetected
+    out = retarget(missing, ref)
+    assert out[2, 4, 2] == 0 and np.all(out[2, 4, :2] == 0)  # the wrist
+    assert np.all(out[2, L.RIGHT_HAND, 2] == 0)  # the hand hangs from the wrist
+    assert out[2, 7, 2] > 0 and out[1, 4, 2] > 0  # the other arm, and the other frames, are untouched
+    # Drawn exactly as if the driving video had lost the wrist and the hand too.
+    lost = missing.copy()
+    lost[2, 4], lost[2, L.RIGHT_HAND] = 0.0, 0.0
+    assert np.array_equal(render_pose(out[2] / [64, 96, 1], 96, 64), render_pose(retarget(lost, ref)[2] / [64, 96, 1], 96, 64))

@@ -3,11 +3,13 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from dynamictrl import config
 from dynamictrl.demo import run
 from dynamictrl.models import embedded
+from dynamictrl.utils.video import read_video
 
 
 @pytest.mark.slow
@@ -23,7 +25,7 @@ def test_the_demo_chain_writes_its_reports_videos_and_pictures(tiny_model, tmp_p
     report = run(cfg)
     assert report["train_steps"] == 2 and report["held_out_clips"] == 2
     assert json.loads((out / "report.json").read_text())["trained"] == report["trained"]
-    for label in ("trained", "untrained"):
+    for label in ("trained", "untrained", "static_reference", "vae_ceiling"):
         m = report[label]
         assert 0 < m["l1"] and 0 < m["psnr_star"] < 100 and -1 <= m["ssim"] <= 1
         assert 0 <= m["pose_pck"] <= 1  # MediaPipe on the generated clips against the driving ones
@@ -32,5 +34,11 @@ def test_the_demo_chain_writes_its_reports_videos_and_pictures(tiny_model, tmp_p
                                                   "per_frame.png", "side_by_side"}  # fmt: skip
         assert len(list((ev / "side_by_side").glob("*.mp4"))) == 2
         assert "| pose_pck |" in (ev / "report.md").read_text()
+    # The static baseline is the reference frame repeated, scored like the models.
+    static, truth = read_video(next((out / "static_reference").glob("*.mp4")))[0], read_video(next((out / "reference").glob("*.mp4")))[0]
+    assert len(static) == len(truth) and all(np.abs(f.astype(int) - static[0]).mean() < 2 for f in static)
+    assert np.abs(static[0].astype(int) - truth[0]).mean() < 2 and np.abs(static[-1].astype(int) - truth[-1]).mean() > 2
+    assert report["pck_over_static"] == pytest.approx(report["trained"]["pose_pck"] / report["static_reference"]["pose_pck"])
+    assert "| static_reference |" in (out / "report.md").read_text()
     assert (out / "side_by_side.mp4").stat().st_size > 0 and (out / "side_by_side.png").stat().st_size > 0
     assert "| trained |" in (out / "report.md").read_text()

@@ -56,22 +56,49 @@ def test_zero_init_computes_exactly_the_base_cogvideox():
 
 
 def test_pose_stream_is_handed_to_the_next_block():
-    """Block 1's PadaLN must see block 0's gated output: changing block 0's gate changes the result."""
+    """Block 1's PadaLN must see y + gate * y of block 0, with y = LN(c)(1 + scale) + shift computed
+    from block 0's own weights on the patch-embedded pose c; neither the raw pose nor y alone."""
     torch.manual_seed(0)
     model = DynamiCtrlTransformer3DModel(**TINY).eval()
     kw, pose = inputs()
+    seen = {}
+    hooks = [model.transformer_blocks[i].control_norm1.register_forward_pre_hook(
+        lambda m, args, i=i: seen.__setitem__(i, args[0].clone())) for i in range(2)]  # fmt: skip
+    with torch.no_grad():
+        model(**kw, control_hidden_states=pose)
+        for h in hooks:
+            h.remove()
+        temb = model.time_embedding(model.time_proj(kw["timestep"])) + model.ofs_embedding(model.ofs_proj(kw["ofs"]))
+        c = seen[0]  # the pose tokens block 0 received
+        pose_tokens = model.patch_embed(kw["encoder_hidden_states"], torch.cat([pose, pose], dim=2))[:, 8:]
+        torch.testing.assert_close(c, pose_tokens)
+        cn = model.transformer_blocks[0].control_norm1
+        shift, scale, gate = cn.linear(torch.nn.functional.silu(temb)).chunk(3, dim=1)
+        y = cn.norm(c) * (1 + scale[:, None]) + shift[:, None]
+        expected = y + gate[:, None] * y
+    torch.testing.assert_close(seen[1], expected, rtol=1e-5, atol=1e-5)
+    assert (seen[1] - c).abs().max() > 1e-2 and (seen[1] - y).abs().max() > 1e-2  # the test tells them apart
+
+
+def test_changing_block_0s_gate_changes_the_output_through_block_1():
+    """Block 0's gate acts only on the stream it hands on: changing it alone changes the output, and
+    does so only while block 1's PadaLN reads that stream."""
+    torch.manual_seed(0)
+    model = DynamiCtrlTransformer3DModel(**TINY).eval()
+    kw, pose = inputs()
+    dim = model.transformer_blocks[0].control_norm1.norm.normalized_shape[0]
     with torch.no_grad():
         before = model(**kw, control_hidden_states=pose).sample
-        model.transformer_blocks[1].control_norm1.norm.weight.mul_(0)  # block 1 no longer adds LN(pose)
-        model.transformer_blocks[1].control_norm1.norm.bias.mul_(0)
-        lin = model.transformer_blocks[1].control_norm1.linear
-        lin.weight.mul_(0)
-        lin.bias.mul_(0)
-        only0 = model(**kw, control_hidden_states=pose).sample
-        model.transformer_blocks[0].control_norm1.linear.bias.add_(0.5)  # changes block 0's gate too
-        changed = model(**kw, control_hidden_states=pose).sample
-    assert (before - only0).abs().max() > 1e-4
-    assert (only0 - changed).abs().max() > 1e-4
+        model.transformer_blocks[0].control_norm1.linear.bias[2 * dim :].add_(0.5)  # the gate third only
+        after = model(**kw, control_hidden_states=pose).sample
+        block1 = model.transformer_blocks[1].control_norm1
+        for p in (block1.linear.weight, block1.linear.bias, block1.norm.weight, block1.norm.bias):
+            p.zero_()  # block 1 no longer reads the stream
+        deaf = model(**kw, control_hidden_states=pose).sample
+        model.transformer_blocks[0].control_norm1.linear.bias[2 * dim :].sub_(0.5)
+        deaf_before = model(**kw, control_hidden_states=pose).sample
+    assert (before - after).abs().max() > 1e-4
+    torch.testing.assert_close(deaf, deaf_before, rtol=0, atol=1e-6)
 
 
 def test_save_and_load_round_trip(tmp_path):

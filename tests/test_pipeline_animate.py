@@ -31,7 +31,7 @@ def test_pipeline_output_frame_count_and_determinism(pipe):
 
 
 def test_invalid_frame_count_and_resolution_are_one_line_errors(pipe):
-    with pytest.raises(ValueError, match=r"num_frames=8 .* nearest valid: 1 or 9"):
+    with pytest.raises(ValueError, match=r"num_frames=8 .* \(needs 4k\+1 frames\); nearest valid: 5 or 9"):
         pipe(poses(1)[0], poses(8), prompt="x", num_inference_steps=1)
     with pytest.raises(ValueError, match="not divisible by 8"):
         pipe(poses(1)[0], np.zeros((9, 100, 64, 3), np.uint8), prompt="x", num_inference_steps=1)
@@ -126,3 +126,49 @@ def test_loaded_pipelines_use_dpm_with_trailing_timesteps(tiny_model, tmp_path):
     pipe = load_pipeline(folder)
     assert type(pipe.scheduler).__name__ == "CogVideoXDPMScheduler"
     assert pipe.scheduler.config.timestep_spacing == "trailing"
+
+
+def test_background_mode_masks_each_chained_clips_own_reference(pipe, monkeypatch):
+    """Three chained clips: each clip's reference (the image, then generated frames) is masked with the
+    mask of that very reference, not the first one's."""
+    calls = []
+    real_call = DynamiCtrlPipeline.__call__
+
+    def spy(self, image, pose_video, **kw):
+        calls.append((np.asarray(image).copy(), kw.get("reference_mask")))
+        return real_call(self, image, pose_video, **kw)
+
+    def person(frame):  # a mask that depends on the picture: its brighter half
+        lum = frame.astype(np.float32).mean(-1)
+        return lum > np.median(lum)
+
+    monkeypatch.setattr(DynamiCtrlPipeline, "__call__", spy)
+    out = animate(pipe, poses(1)[0], poses(25), "a person", clip_frames=9, progress=False, mask_for=person,
+                  num_inference_steps=1, guidance_scale=1.0)  # fmt: skip
+    assert out.shape[0] == 25 and len(calls) == 3  # clips start at 0, 8 and 16
+    assert np.array_equal(calls[1][0], out[8]) and np.array_equal(calls[2][0], out[16])
+    for image, mask in calls:
+        assert mask is not None and np.array_equal(mask, person(image))
+    assert not np.array_equal(calls[1][1], calls[0][1]) and not np.array_equal(calls[2][1], calls[1][1])
+
+
+def test_the_reference_masker_measures_each_frame_and_keeps_the_last_mask_where_none_is_found():
+    from skimage.data import astronaut
+
+    from dynamictrl.animate.run import ReferenceMasker, fit
+    from dynamictrl.pose.mediapipe_backend import MediaPipeHolistic
+
+    backend = MediaPipeHolistic()
+    img = fit(astronaut(), 256, 256)
+    kpts, mask = backend(img)
+    masker = ReferenceMasker(backend)
+    first = masker.start(img, kpts, mask)
+    assert first is not None and first.shape == (256, 256) and masker(img) is first
+    shifted = np.roll(img, 60, axis=1)  # the person moved: her own mask, not the first one
+    moved = masker(shifted)
+    assert moved is not None and (moved != first).mean() > 0.05
+    assert np.abs(np.roll(first, 60, axis=1).astype(int) - moved).mean() < (first != moved).mean()
+    blank = np.full_like(img, 127)
+    assert masker(blank) is moved  # nobody found: the last mask found is kept
+    masker.close()
+    backend.close()

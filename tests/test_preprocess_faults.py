@@ -178,7 +178,7 @@ def test_a_missing_weight_file_stops_the_run_with_one_line(tmp_path):
     assert not (tmp_path / "out" / "rejects.jsonl").exists()
 
 
-@pytest.mark.parametrize("bad, message", [("num_frames=20", r"num_frames=20: clips need 8k\+1 frames for the VAE; nearest 17 or 25"),
+@pytest.mark.parametrize("bad, message", [("num_frames=20", r"num_frames=20: clips need 4k\+1 frames for the VAE; nearest 17 or 21"),
                                           ("stride=0", "stride=0: must be at least 1")])
 def test_clip_settings_are_checked_before_any_work(tmp_path, bad, message):
     from dynamictrl.errors import UserError

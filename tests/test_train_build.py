@@ -112,3 +112,64 @@ def test_gradient_checkpointing_auto_turns_on_for_full_size_models(tiny_model):
     big = meta_transformer(config.load("train", ["model=cogvideox1.5-5b-i2v", "data.train_shards=x"]))
     assert module.checkpointing(big) is True
     assert module.checkpointing(meta_transformer(cfg)) is False
+
+
+@pytest.mark.parametrize("trainer", ["gpu", "fsdp", "deepspeed_zero2_offload"])
+def test_lora_adapters_are_added_on_the_meta_model_before_sharding_and_loading(trainer, tiny_model, precomputed,
+                                                                               monkeypatch, one_rank_group):  # fmt: skip
+    """LoRA with the meta build: the adapters exist (sharded under FSDP2) before anything is materialised,
+    the base is filled from the checkpoint under peft's `base_layer` names in base_dtype, the adapters
+    start as peft's init from the seed (B zero), the same under every strategy; DeepSpeed refuses LoRA."""
+    from torch.distributed.tensor import DTensor
+
+    from dynamictrl.errors import UserError
+
+    lora = ["module.lora.rank=4", "module.lora.base_dtype=bfloat16", "module.ema_decay=0.9"]
+    cfg = config.load("train", [f"trainer={trainer}", f"data.train_shards={precomputed}", f"model.path={tiny_model}",
+                                *lora])  # fmt: skip
+    module = instantiate(cfg.module, model_path=str(tiny_model), precomputed_dir=str(precomputed))
+    module._trainer = stub_trainer(cfg)
+    if trainer.startswith("deepspeed"):
+        with pytest.raises(UserError, match="LoRA trains under trainer=gpu, ddp or fsdp, not DeepSpeed") as err:
+            module.configure_model()
+        assert "\n" not in str(err.value)
+        return
+    seen = {}
+    original = build.load_weights
+
+    def spy(model, folder, device):
+        named = dict(model.named_parameters())
+        seen["adapters"] = [n for n in named if ".lora_" in n]
+        seen["devices"] = {p.device.type for p in named.values()}
+        seen["sharded"] = all(isinstance(p, DTensor) for p in named.values())
+        return original(model, folder, device)
+
+    monkeypatch.setattr(build, "load_weights", spy)
+    module.configure_model()
+    assert seen["adapters"] and seen["devices"] == {"meta"} and seen["sharded"] == (trainer == "fsdp")
+
+    def full(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    got = {k: full(v) for k, v in module.transformer.state_dict().items()}
+    expected = build_reference(tiny_model)
+    base = {k: v for k, v in got.items() if ".lora_" not in k}
+    assert {k.replace(".base_layer.", ".") for k in base} == set(expected)
+    assert all(torch.equal(v, expected[k.replace(".base_layer.", ".")].to(v.dtype)) for k, v in base.items())
+    trainable = dict(module.trainable())
+    assert {v.dtype for k, v in base.items() if f"{k}" not in trainable} == {torch.bfloat16}
+    assert {full(p).dtype for p in trainable.values()} == {torch.float32}
+    assert all(".lora_" in n or ".control_norm1." in n for n in trainable)
+    lora_b = [v for k, v in got.items() if ".lora_B." in k]
+    lora_a = {k: v for k, v in got.items() if ".lora_A." in k}
+    assert lora_b and all(not v.any() for v in lora_b) and all(v.abs().sum() > 0 for v in lora_a.values())
+    # the adapters' init is a function of the seed only (the same unsharded, on the CPU, outside a Trainer)
+    plain = instantiate(config.load("train", ["data.train_shards=x", *lora]).module, model_path=str(tiny_model))
+    plain.configure_model()
+    ref = plain.transformer.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in lora_a.items())
+    # EMA covers exactly the trainable set (adapters + PadaLN), and a LoRA checkpoint keeps it
+    assert set(module.ema.names) == set(trainable)
+    keys = module.checkpoint_keys()
+    assert {k for k in keys if k.startswith("transformer.")} == {f"transformer.{n}" for n in trainable}
+    assert "ema.updates" in keys and len(keys) == 2 * len(trainable) + 1

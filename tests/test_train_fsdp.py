@@ -76,3 +76,34 @@ def test_two_process_fsdp2_trains_saves_resumes_and_exports_the_gathered_weights
     weights = {k[len("transformer.") :]: v for k, v in again["state_dict"].items() if k.startswith("transformer.")}
     raw = exported(out / "transformer_raw")
     assert all(torch.equal(raw[k], weights[k]) for k in weights)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_lora_saves_the_trainable_shards_only_and_resumes_from_them(tiny_model, shards, tmp_path):
+    """LoRA under FSDP2: the adapters are sharded with the base, the DCP checkpoint holds the adapters, PadaLN
+    and their EMA only, a resume loads that partial checkpoint (optimizer and EMA included), and the
+    exported LoRA equals the gathered shards."""
+    from safetensors.torch import load_file
+
+    from dynamictrl.models.lora import LORA_FILE, POSE_FILE
+
+    out = tmp_path / "lora"
+    train(out, tiny_model, shards, 2, "samples.every_n_steps=0", "module.lora.rank=4")
+    ckpt = out / "checkpoints" / "last.ckpt"
+    saved = consolidated(ckpt, tmp_path / "a")["state_dict"]
+    weights = {k.removeprefix("transformer."): v for k, v in saved.items() if k.startswith("transformer.")}
+    assert weights and all(".lora_" in k or ".control_norm1." in k for k in weights)  # no frozen base
+    assert {k.removeprefix("ema.").replace("-", ".") for k in saved if k.startswith("ema.")} == {*weights, "updates"}
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in weights.items())  # B trained away from zero
+
+    train(out, tiny_model, shards, 3, "samples.every_n_steps=0", "module.lora.rank=4", "resume=true")
+    again = consolidated(ckpt, tmp_path / "b")
+    assert int(again["state_dict"]["ema.updates"]) == 3  # 2 restored + 1
+    assert {int(s["step"]) for s in again["optimizer_0"]["state"].values()} == {3}  # AdamW restored
+    weights = {k.removeprefix("transformer."): v for k, v in again["state_dict"].items() if k.startswith("transformer.")}
+    pose = load_file(str(out / "lora_raw" / POSE_FILE))
+    adapters = load_file(str(out / "lora_raw" / LORA_FILE))
+    assert pose and all(torch.equal(v, weights[k]) for k, v in pose.items())
+    for key, value in adapters.items():  # transformer.X.lora_A.weight <- X.lora_A.default.weight
+        name = key.removeprefix("transformer.").replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        assert torch.equal(value, weights[name])

@@ -75,3 +75,43 @@ def test_gpu_check_runs_its_whole_path_on_cpu_with_the_tiny_model(tmp_path):
     text = out.read_text()
     assert "| peak memory GB |" in text and "MEASURED" in text
     assert json.loads(out.with_suffix(".json").read_text())["clip"] == [9, 96, 64]
+
+
+def test_lora_plan_trains_the_adapters_and_padaln_in_full_and_keeps_the_base_frozen(capsys):
+    """module.lora.rank: fewer trainable parameters than full fine-tuning, PadaLN's among them in full, the
+    frozen base in base_dtype; the gradient and optimizer rows follow the trainable set."""
+    full = plan.count(config.load("train", FIVE_B))
+    cfg = config.load("train", [*FIVE_B, "module.lora.rank=32", "module.lora.base_dtype=bfloat16"])
+    lora = plan.count(cfg)
+    model = plan.meta_transformer(cfg)
+    trained = dict(plan.trainable_parameters(model, cfg))
+    padaln = {n: p for n, p in model.named_parameters() if ".control_norm1." in n}
+    adapters = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    assert len(padaln) == 4 * 42 and set(padaln) <= set(trained)  # every PadaLN weight and bias, trained
+    assert set(trained) == set(padaln) | set(adapters)
+    n_padaln, n_adapters = (sum(p.numel() for p in d.values()) for d in (padaln, adapters))
+    assert lora.trainable == n_padaln + n_adapters and n_padaln == pytest.approx(198.8e6, rel=1e-3)
+    assert lora.trainable < 0.05 * full.trainable and full.trainable == full.total
+    assert lora.total == full.total + n_adapters
+    assert lora.frozen_bytes == 2 * (full.total - n_padaln) and lora.frozen_dtype == "bfloat16"
+
+    p = plan.make_plan(cfg, "gpu", 1, (1, 1, 1), 1, precomputed=True, measure=False, counts=lora)
+    assert p.rows["AdamW state (fp32 m, v)"] == 8 * lora.trainable and p.rows["gradients (fp32)"] == 4 * lora.trainable
+    assert p.rows["weights, frozen (bfloat16)"] == lora.frozen_bytes and "weights (fp32)" not in p.rows
+    assert p.total() < 0.25 * plan.make_plan(config.load("train", FIVE_B), "gpu", 1, (1, 1, 1), 1, True, False, full).total()
+    with pytest.raises(UserError, match="LoRA trains under trainer=gpu, ddp or fsdp, not DeepSpeed"):
+        plan.state_rows("zero2", lora, 8, cfg)
+
+    plans = plan.main(["experiment=lora-24gb", "trainer=all", "measure=false", "gpus=8"])
+    out = capsys.readouterr().out
+    assert "LoRA rank 32" in out and "deepspeed_zero2_offload, deepspeed_zero3_offload left out" in out
+    assert {p.kind for p in plans} == {"cpu", "single", "ddp", "fsdp"}
+
+
+def test_lora_activations_are_measured_on_the_adapted_model():
+    """The activation run uses the LoRA model: frozen linears keep no inputs for weight gradients."""
+    small = [*FIVE_B, "model.transformer.num_layers=2", "model.transformer.num_attention_heads=4"]
+    clip = (9, 128, 128)
+    full = plan.measure_activations(config.load("train", small), *clip, 1, False)
+    lora = plan.measure_activations(config.load("train", [*small, "module.lora.rank=8"]), *clip, 1, False)
+    assert 0 < lora["transformer"] < full["transformer"] and lora["vae"] == full["vae"]

@@ -7,6 +7,10 @@ so that it starts at the reference's neck. Hands follow their wrists, feet their
 its nose, scaled like the limb they hang from. A driving body whose first pose has the reference's
 posture therefore lands exactly on the reference's own keypoints.
 
+An undetected point (score 0, stored at (0, 0)) has no position to build from: its children in the
+tree (and the parts attached to it) stay undetected and are not drawn. A missing neck is replaced by
+the centre of the visible points as the root the skeleton is built from.
+
 All coordinates here are pixels of one canvas (the output frame); callers convert from normalised.
 """
 
@@ -67,13 +71,22 @@ def retarget(driving: np.ndarray, reference: np.ndarray, threshold: float = 0.3)
 
     out = driving.copy()
     for t, frame in enumerate(driving):
-        new = frame.copy()
+        frame, new = frame.copy(), frame.copy()
         root = frame[1, :2] if frame[1, 2] > threshold else _centre(frame, threshold)
+        frame[1, :2] = root  # the position the neck's children are measured from
         new[1, :2] = root_ref + scale * (root - root_drv0)
+        known = new[:, 2] > 0
+        known[1] = True  # the root always has a position (the neck, or the centre standing in for it)
         for a, b in BODY_TREE:
+            if not known[a]:  # nothing to hang this point from: it stays undetected
+                new[b, 2], known[b] = 0.0, False
+                continue
             r = ratios.get((a, b), scale)
             new[b, :2] = new[a, :2] + r * (frame[b, :2] - frame[a, :2])
         for part, anchor, limb in ATTACHED:
+            if not known[anchor]:
+                new[part, 2] = 0.0
+                continue
             r = ratios.get(limb, scale)
             new[part, :2] = new[anchor, :2] + r * (frame[part, :2] - frame[anchor, :2])
         new[new[:, 2] <= 0, :2] = 0.0

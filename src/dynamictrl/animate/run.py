@@ -7,7 +7,9 @@
   frame (the previous clip's last one, or `overlap` frames earlier with a linear cross-fade over the
   overlap), so any length comes out with exactly the requested number of frames.
 - `background=` masks the reference to the person and replaces the prompt's background sentence:
-  the paper's background control.
+  the paper's background control. Every chained clip's reference (a generated frame) gets its own mask.
+- Clip length, sizes and reference scaling default to the model's own settings (`pipe.settings`: the
+  released inference's for a released folder, else the model's `dynamictrl.json`).
 Writes the video, a side-by-side video (reference | pose | output) and a JSON of every setting.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,34 +32,63 @@ from tqdm.auto import tqdm
 from dynamictrl.animate.align import retarget
 from dynamictrl.errors import UserError
 from dynamictrl.models import embedded
-from dynamictrl.models.pipeline import DynamiCtrlPipeline
+from dynamictrl.models.lora import load_lora, pose_control
+from dynamictrl.models.pipeline import RELEASED_SETTINGS, DynamiCtrlPipeline, read_settings
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 from dynamictrl.pose import layout as L
 from dynamictrl.pose.render import render_pose, render_video
 from dynamictrl.utils.video import read_image, read_video, write_video
 
 
-def load_pipeline(model: str | Path | None = None) -> DynamiCtrlPipeline:
-    """A pipeline folder, a training output (base + exported transformer), or the embedded model,
-    with the DPM scheduler on trailing timesteps (the official inference's), whatever the folder ships."""
-    pipe = _load(model)
+def load_pipeline(model: str | Path | None = None, lora: str | Path | None = None,
+                  lora_scale: float = 1.0) -> DynamiCtrlPipeline:  # fmt: skip
+    """A pipeline folder (ours, a base, or a released DynamiCtrl folder), a training output (base +
+    exported transformer or LoRA, its `dynamictrl.json` settings over the base's), or the embedded model,
+    with the DPM scheduler on trailing timesteps (the official inference's), whatever the folder ships;
+    `lora` (a folder written by LoRA training) is loaded on top at `lora_scale`."""
+    pipe, lora = _load(model, lora)
+    if lora:
+        load_lora(pipe, lora, lora_scale)
+    elif lora_scale != 1.0:
+        raise UserError(f"lora_scale={lora_scale} needs lora=PATH")
     pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     return pipe
 
 
-def _load(model: str | Path | None) -> DynamiCtrlPipeline:
+def _load(model: str | Path | None, lora: str | Path | None) -> tuple[DynamiCtrlPipeline, str | Path | None]:
+    """The pipeline, and the LoRA to load into it: `lora`, or the one a LoRA training output names."""
     path = Path(model) if model else embedded.ensure()
     if (path / "model_index.json").is_file():
-        return DynamiCtrlPipeline.from_pretrained(path)
+        return (_lora_base(path, lora) if lora else DynamiCtrlPipeline.from_pretrained(path)), lora
     if (path / "model.json").is_file():
         info = json.loads((path / "model.json").read_text())
         if not (Path(info["base"]) / "model_index.json").is_file():
             raise UserError(f"model={path}: its base model {info['base']} is not a pipeline folder (moved or deleted?)")
+        if info.get("lora"):
+            if lora:
+                raise UserError(f"model={path} is a LoRA training output already; give model=BASE lora={lora} instead")
+            pipe = _lora_base(info["base"], path / info["lora"])
+            pipe.apply_settings({"reference_scaling": "diffusers"} | read_settings(path))
+            return pipe, path / info["lora"]
+        if lora:
+            raise UserError(f"lora={lora} goes with the base model it was trained on; model={path} is a fine-tuned one")
         transformer = DynamiCtrlTransformer3DModel.from_pretrained(path / info["transformer"])
-        return DynamiCtrlPipeline.from_pretrained(info["base"], transformer=transformer)
+        pipe = DynamiCtrlPipeline.from_pretrained(info["base"], transformer=transformer)
+        # an export made before dynamictrl.json was written trained with the diffusers convention
+        pipe.apply_settings({"reference_scaling": "diffusers"} | read_settings(path))
+        return pipe, None
     if not path.exists():
         raise UserError(f"model={path}: no such folder")
     raise UserError(f"model={path}: neither a pipeline folder (model_index.json) nor a training output (model.json)")
+
+
+def _lora_base(base: str | Path, lora: str | Path) -> DynamiCtrlPipeline:
+    """The base pipeline for a LoRA, its transformer built as DynamiCtrl with the pose branch the LoRA
+    carries: a plain CogVideoX base (what LoRA training usually starts from) has none."""
+    control = pose_control(lora)
+    transformer = DynamiCtrlTransformer3DModel.from_pretrained(base, subfolder="transformer",
+                                                               **({"control": control} if control else {}))  # fmt: skip
+    return DynamiCtrlPipeline.from_pretrained(base, transformer=transformer)
 
 
 def crop_region(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -85,14 +117,13 @@ def fit_keypoints(kpts: np.ndarray, h: int, w: int, height: int, width: int) -> 
     return out
 
 
-OFFICIAL_BUCKETS = [[768, 1360], [1360, 768]]  # DynamiCtrl's published inference size, both orientations
+OFFICIAL_BUCKETS = RELEASED_SETTINGS["buckets"]  # DynamiCtrl's published inference size, both orientations
 
 
-def model_defaults(pipe: DynamiCtrlPipeline) -> dict[str, Any]:
-    """Animation defaults stored with a model (`dynamictrl.json` in its folder), if any."""
-    folder = Path(getattr(pipe, "name_or_path", "") or "")
-    path = folder / "dynamictrl.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def default_clip_frames(pipe: DynamiCtrlPipeline) -> int:
+    """The model's clip length: what it was trained at (`settings`), else its config's `sample_frames`."""
+    settings = pipe.settings
+    return int(settings.get("num_frames") or settings.get("clip_frames") or pipe.transformer.config.sample_frames)
 
 
 def choose_size(image: np.ndarray, buckets: list | None) -> tuple[int, int]:
@@ -133,13 +164,14 @@ def replace_background(prompt: str, background: str) -> str:
 
 def animate(pipe: DynamiCtrlPipeline, image: np.ndarray, pose: np.ndarray, prompt: str, clip_frames: int,
             num_frames: int | None = None, seed: int = 0, overlap: int = 0, progress: bool = True,
-            **call) -> np.ndarray:  # fmt: skip
+            mask_for: Callable[[np.ndarray], np.ndarray] | None = None, **call) -> np.ndarray:  # fmt: skip
     """Generate `num_frames` (default: len(pose)) frames in chained clips of `clip_frames`.
 
     Clip k > 0 starts at an already generated frame, which is its reference and whose pose is its
     first pose: the previous clip's last frame, or `overlap` frames before it, in which case the
     `overlap` frames after the start are cross-faded from the old clip to the new one. The last
     clip's poses are padded by repeating the final pose; the output is trimmed to `num_frames`.
+    `mask_for` (background mode) gives the (H, W) person mask of a clip's own reference.
     """
     total = num_frames or len(pose)
     step = clip_frames - 1 - overlap
@@ -156,7 +188,9 @@ def animate(pipe: DynamiCtrlPipeline, image: np.ndarray, pose: np.ndarray, promp
     pipe.set_progress_bar_config(disable=True)
     for k, s in enumerate(tqdm(starts, desc="animate", unit="clip", disable=not progress)):
         ref = image if k == 0 else out[s].round().astype(np.uint8)
-        frames = pipe(ref, pose[s : s + clip_frames], prompt=prompt, generator=g, **call).frames[0].astype(np.float32)
+        mask = mask_for(ref) if mask_for is not None else None
+        frames = pipe(ref, pose[s : s + clip_frames], prompt=prompt, generator=g, reference_mask=mask,
+                      **call).frames[0].astype(np.float32)  # fmt: skip
         if k == 0:
             out[:clip_frames] = frames
             continue
@@ -165,6 +199,51 @@ def animate(pipe: DynamiCtrlPipeline, image: np.ndarray, pose: np.ndarray, promp
             out[s + j] = (1 - w) * out[s + j] + w * frames[j]
         out[s + 1 + overlap : s + clip_frames] = frames[1 + overlap :]
     return out[:total].round().astype(np.uint8)
+
+
+class ReferenceMasker:
+    """The person mask of each chained clip's own reference (background mode).
+
+    The pose backend's segmentation, else (DWPose has none) MediaPipe selfie segmentation in the
+    person's box. A generated reference in which no person is found keeps the last mask found.
+    """
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.first: np.ndarray | None = None  # the first reference and its mask
+        self.first_mask: np.ndarray | None = None
+        self.last: np.ndarray | None = None
+        self._selfie = None
+
+    def find(self, frame: np.ndarray, kpts: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray | None:
+        """(H, W, 3) uint8 -> (H, W) bool person mask, or None; `kpts`/`mask`: the backend's output if known."""
+        if kpts is None:
+            self.backend.reset()  # an independent picture, not the next frame of a track
+            kpts, mask = self.backend(frame)
+        if mask is None and L.body_detected(kpts[None])[0]:
+            from dynamictrl.pose.base import frame_boxes
+            from dynamictrl.pose.mediapipe_backend import MediaPipeSelfieMasks
+
+            self._selfie = self._selfie or MediaPipeSelfieMasks()
+            mask = self._selfie.masks(frame[None], frame_boxes(kpts[None], *frame.shape[:2]))[0]
+        return np.asarray(mask, dtype=bool) if mask is not None and np.any(mask) else None
+
+    def start(self, frame: np.ndarray, kpts: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+        """The first reference's mask (from the backend's output already at hand)."""
+        self.first, self.first_mask = frame, self.find(frame, kpts, mask)
+        self.last = self.first_mask
+        return self.first_mask
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray | None:
+        if frame is self.first:  # clip 0: the reference measured in `start`
+            return self.first_mask
+        found = self.find(frame)
+        self.last = found if found is not None else self.last
+        return self.last
+
+    def close(self) -> None:
+        if self._selfie is not None:
+            self._selfie.close()
 
 
 def side_by_side(*videos: np.ndarray) -> np.ndarray:
@@ -203,11 +282,17 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
         raise UserError(f"no prompt: give prompt='...' or put a caption in {image_path.with_suffix('.txt')} "
                         f"(caption models come with the caption backends)")  # fmt: skip
 
-    pipe = pipe or load_pipeline(cfg.get("model"))
-    defaults = model_defaults(pipe)
+    pipe = pipe or load_pipeline(cfg.get("model"), cfg.get("lora"), cfg.get("lora_scale", 1.0))
+    defaults = pipe.settings
     height, width = choose_size(image, cfg.get("buckets") or defaults.get("buckets") or OFFICIAL_BUCKETS)
     height, width = int(cfg.get("height") or height), int(cfg.get("width") or width)
-    clip_frames = int(cfg.clip_frames or defaults.get("clip_frames") or pipe.transformer.config.sample_frames)
+    clip_frames = int(cfg.clip_frames or default_clip_frames(pipe))
+    reference_scaling = cfg.get("reference_scaling") or pipe.reference_scaling
+    try:  # before any pose extraction: a wrong clip length or convention is the user's to fix
+        codec = pipe.latent_codec(reference_scaling)
+        codec.check_frames(clip_frames, "clip_frames")
+    except ValueError as err:
+        raise UserError(str(err)) from None
     ref = fit(image, height, width)
     own_backend = backend is None
     backend = instantiate(cfg.pose_backend) if own_backend else backend
@@ -230,8 +315,6 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
         px = np.array([width, height, 1.0], np.float32)
         kpts = retarget(kpts * px, ref_k * px) / px
     pose = render_video(kpts, height, width) if kpts is not None else np.stack([fit(f, height, width) for f in frames])
-    if own_backend:
-        backend.close()
 
     n = int(cfg.num_frames or len(pose))
     if len(pose) < n:  # hold the last driving pose
@@ -239,20 +322,11 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
     pose = pose[:n]
     if cfg.prepend_reference_pose:
         pose = np.concatenate([render_pose(ref_k, height, width)[None], pose])
-    mask = None
+    masker = None
     if cfg.get("background"):
-        if ref_mask is None and L.body_detected(ref_k[None])[0]:
-            # a pose backend without segmentation (DWPose): MediaPipe selfie masks in the person's box
-            from dynamictrl.pose.base import frame_boxes
-            from dynamictrl.pose.mediapipe_backend import MediaPipeSelfieMasks
-
-            selfie = MediaPipeSelfieMasks()
-            ref_mask = selfie.masks(ref[None], frame_boxes(ref_k[None], height, width))[0]
-            selfie.close()
-            ref_mask = ref_mask if ref_mask.any() else None
-        if ref_mask is None:
+        masker = ReferenceMasker(backend)
+        if masker.start(ref, ref_k, ref_mask) is None:
             raise UserError(f"image={image_path}: the mask backend found no person to keep")
-        mask = ref_mask
         prompt = replace_background(prompt, cfg.background)
 
     from dynamictrl.utils.device import local_device
@@ -270,20 +344,32 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
         pipe.to(device)
     try:
         video = animate(pipe, ref, pose, prompt, clip_frames, n + int(bool(cfg.prepend_reference_pose)), int(cfg.seed),
-                        int(cfg.overlap), cfg.progress, num_inference_steps=int(cfg.steps),
+                        int(cfg.overlap), cfg.progress, mask_for=masker, num_inference_steps=int(cfg.steps),
                         guidance_scale=float(cfg.guidance_scale), negative_prompt=cfg.negative_prompt,
-                        reference_mask=mask, cfg_separate_passes=bool(cfg.cfg_separate_passes))  # fmt: skip
+                        cfg_separate_passes=bool(cfg.cfg_separate_passes),
+                        reference_scaling=reference_scaling)  # fmt: skip
     except ValueError as err:
         raise UserError(str(err)) from None
+    finally:
+        if masker is not None:
+            masker.close()
+        if own_backend:
+            backend.close()
     if cfg.prepend_reference_pose:  # the first frame is the reference itself
         video, pose = video[1:], pose[1:]
     fps = float(cfg.fps or src_fps)
+    model_fps = defaults.get("fps")
+    if model_fps and not cfg.fps and abs(fps / float(model_fps) - 1) > 0.25:
+        print(f"animate: note: the driving video runs at {fps:g} fps and the model was trained on {float(model_fps):g} fps "
+              f"clips; motion per frame differs from training (resample the driving video to {float(model_fps):g} fps "
+              "to match)")  # fmt: skip
     out = Path(cfg.output)
     write_video(out, video, fps)
     side = write_video(out.with_name(out.stem + "_side.mp4"), side_by_side(ref, pose, video), fps)
     settings = OmegaConf.to_container(cfg, resolve=True) | {
         "prompt_used": prompt, "fps": fps, "frames": len(video), "height": height, "width": width,
         "clip_frames": clip_frames, "aligned": aligned, "device": device, "dtype": str(dtype),
+        "reference_scaling_used": reference_scaling, "model_settings": defaults,
     }  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(settings, indent=1))
     print(f"animate: {len(video)} frames at {fps:g} fps, {height}x{width} -> {out} (side by side: {side})")

@@ -162,3 +162,33 @@ def list_shards(spec: str | Path | list) -> list[str]:
     else:
         urls = [spec] if path.is_file() else []
     return urls
+
+
+def clip_settings(urls: list[str]) -> dict[str, Any]:
+    """The clip sizes and frame rate of shards (raw or precomputed), from their `json` members only.
+
+    Tar headers are read and the media members skipped (seeked over), so this costs one pass over the
+    headers, not a decode. Returns `buckets` ([h, w] sizes, most frequent first) and `fps` (the most
+    frequent rate; None if no sample records one)."""
+    import tarfile
+    from collections import Counter
+
+    sizes: Counter = Counter()
+    rates: Counter = Counter()
+    for url in urls:
+        try:
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    if not member.name.endswith(".json"):
+                        continue
+                    try:
+                        meta = json.load(tar.extractfile(member))
+                        sizes[tuple(int(x) for x in meta["size"])] += 1
+                    except Exception:  # noqa: BLE001 - a corrupt sample says nothing about the settings
+                        continue
+                    if meta.get("fps"):
+                        rates[float(meta["fps"])] += 1
+        except (OSError, tarfile.TarError):  # a corrupt shard: training skipped its samples too
+            continue
+    return {"buckets": [list(s) for s, _ in sizes.most_common()],
+            "fps": rates.most_common(1)[0][0] if rates else None}  # fmt: skip

@@ -47,6 +47,8 @@ class Figure:
     height: float  # body height, fraction of the frame height
     x0: float  # pelvis start, fraction of the frame width
     drift: float  # horizontal drift per second, fraction of the width
+    sway: float  # side-to-side step amplitude of the pelvis, fraction of the width
+    bob: float  # squat depth at the low point of each beat, fraction of the body height
     freq: float  # dance frequency, Hz
     arm_amp: float
     leg_amp: float
@@ -80,15 +82,16 @@ def sample_figure(rng: np.random.Generator) -> tuple[Figure, Background]:
     c1, c2 = rng.choice([n for n in names if n not in (shirt, pants)], size=2, replace=False)
     fig = Figure(
         shirt=str(shirt), pants=str(pants), shoes=str(shoes), hair=str(rng.choice(list(HAIR))),
-        skin=int(rng.integers(len(SKIN))), height=float(rng.uniform(0.68, 0.82)),
-        x0=float(rng.uniform(0.4, 0.6)), drift=float(rng.uniform(-0.04, 0.04)),
-        freq=float(rng.uniform(0.5, 1.1)), arm_amp=float(rng.uniform(0.6, 1.2)),
+        skin=int(rng.integers(len(SKIN))), height=float(rng.uniform(0.6, 0.72)),
+        x0=float(rng.uniform(0.42, 0.58)), drift=float(rng.uniform(-0.04, 0.04)),
+        sway=float(rng.uniform(0.10, 0.16)), bob=float(rng.uniform(0.04, 0.08)),
+        freq=float(rng.uniform(0.6, 1.1)), arm_amp=float(rng.uniform(0.9, 1.6)),
         leg_amp=float(rng.uniform(0.15, 0.4)), phase=float(rng.uniform(0, 2 * math.pi)),
         style=int(rng.integers(3)),
     )  # fmt: skip
     bg = Background(
         pattern=str(rng.choice(PATTERNS)), color1=str(c1), color2=str(c2),
-        period=float(rng.uniform(0.08, 0.2)), angle=float(rng.uniform(0, math.pi)),
+        period=float(rng.uniform(0.25, 0.45)), angle=float(rng.uniform(0, math.pi)),
     )  # fmt: skip
     return fig, bg
 
@@ -109,7 +112,7 @@ def render_background(bg: Background, height: int, width: int, rng: np.random.Ge
     else:  # waves
         t = 0.5 + 0.5 * np.sin(2 * math.pi * (u + 0.05 * np.sin(8 * math.pi * yy)) / bg.period)
     img = c1 * (1 - t[..., None]) + c2 * t[..., None]
-    img += rng.normal(0, 6, size=img.shape).astype(np.float32)  # a little film grain
+    img += rng.normal(0, 2, size=img.shape).astype(np.float32)  # a little film grain
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -118,9 +121,11 @@ def skeleton(fig: Figure, t: float, height: int, width: int) -> np.ndarray:
     H = fig.height * height  # body height in pixels
     ph = 2 * math.pi * fig.freq * t + fig.phase
     s = math.sin(ph)
-    lean = 0.08 * math.sin(0.5 * ph)
-    pelvis = np.array([(fig.x0 + fig.drift * t) * width + 0.03 * width * s,
-                       height * 0.5 + 0.06 * H - 0.02 * H * abs(s)])  # fmt: skip
+    lean = 0.15 * math.sin(ph + 0.5)
+    # Whole-body motion (a side step, a squat on each beat, a lean), not only the limbs: a figure that
+    # stays put except for its arms would let a copy of the reference frame score well on pose accuracy.
+    pelvis = np.array([(fig.x0 + fig.drift * t + fig.sway * s) * width,
+                       height * 0.5 + 0.06 * H + fig.bob * H * (1 - abs(math.cos(ph)))])  # fmt: skip
     up = np.array([math.sin(lean), -math.cos(lean)])
     right = np.array([math.cos(lean), math.sin(lean)])  # towards image right = the person's left
     torso, sw, hw = 0.30 * H, 0.22 * H, 0.14 * H
@@ -140,8 +145,8 @@ def skeleton(fig: Figure, t: float, height: int, width: int) -> np.ndarray:
     l_el = limb(l_sh, l_arm, ua, +1)
     r_wr = limb(r_el, r_arm + 0.6 + 0.5 * math.sin(ph + 1.0), fa, -1)
     l_wr = limb(l_el, l_arm + 0.6 + 0.5 * math.sin(ph + a_off + 1.0), fa, +1)
-    r_leg = 0.12 + fig.leg_amp * max(0.0, math.sin(ph))
-    l_leg = 0.12 + fig.leg_amp * max(0.0, -math.sin(ph))
+    r_leg = 0.12 + fig.leg_amp * max(0.0, math.sin(ph)) + 2 * fig.bob * (1 - abs(math.cos(ph)))
+    l_leg = 0.12 + fig.leg_amp * max(0.0, -math.sin(ph)) + 2 * fig.bob * (1 - abs(math.cos(ph)))
     r_kn = limb(r_hip, r_leg, th, -1)
     l_kn = limb(l_hip, l_leg, th, +1)
     r_an = limb(r_kn, r_leg * 0.3, sh, -1)
@@ -200,7 +205,7 @@ def draw_figure(img: np.ndarray, mask: np.ndarray, k: np.ndarray, fig: Figure) -
     H = fig.height * img.shape[0]
     skin = SKIN[fig.skin]
     shirt, pants, shoes = COLORS[fig.shirt], COLORS[fig.pants], COLORS[fig.shoes]
-    w_leg, w_arm = max(2, round(0.075 * H)), max(2, round(0.055 * H))
+    w_leg, w_arm = max(2, round(0.09 * H)), max(2, round(0.07 * H))
 
     def seg(a, b, color, w):
         for canvas, c in ((img, color), (mask, 255)):

@@ -30,8 +30,10 @@ def render_pose(
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
     people = kpts.reshape(-1, L.NUM_KEYPOINTS, 3)
     scale = max(height, width) / 512.0
-    stick = max(1, round(4 * scale))
-    dot = max(1, round(4 * scale))
+    # DWPose's widths at 512 px, scaled; at least 2 px, because a 1-px stick covers a quarter of a
+    # latent pixel under a 4x VAE (a real 768x1360 render under CogVideoX's 8x VAE covers 1.5).
+    stick = max(2, round(4 * scale))
+    dot = max(2, round(4 * scale))
     for person in people:
         xy = person[:, :2] * np.array([width, height], dtype=np.float32)
         ok = person[:, 2] > threshold

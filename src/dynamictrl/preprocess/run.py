@@ -420,9 +420,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("input is not set: make preprocess ARGS=\"input=DIR output=DIR\"")
     if not cfg.get("output"):
         raise UserError("output is not set: make preprocess ARGS=\"input=DIR output=DIR\"")
-    if int(cfg.num_frames) % 8 != 1:  # the CogVideoX VAE round-trips 8k+1 frames (models/latents.py)
-        k = int(cfg.num_frames) // 8
-        raise UserError(f"num_frames={cfg.num_frames}: clips need 8k+1 frames for the VAE; nearest {8 * k + 1} or {8 * k + 9}")
+    if int(cfg.num_frames) % 4 != 1:  # the CogVideoX VAE encodes 4k+1 frames; which of them a model
+        k = (int(cfg.num_frames) - 1) // 4  # version takes (8k+1 on 1.0) is checked by training (models/latents.py)
+        near = f"{4 * k + 1} or {4 * k + 5}" if k >= 0 else "1"
+        raise UserError(f"num_frames={cfg.num_frames}: clips need 4k+1 frames for the VAE; nearest {near}")
     if cfg.get("stride") is not None and int(cfg.stride) < 1:
         raise UserError(f"stride={cfg.stride}: must be at least 1 (or null: one clip every num_frames)")
     out = Path(cfg.output)

@@ -6,7 +6,8 @@ device, and filled from the checkpoint's safetensors one tensor at a time throug
 each rank reads only its rows of a sharded parameter (`safe_open(...).get_slice`), so no rank ever
 holds the full model in fp32 on the CPU. Under DeepSpeed ZeRO-3 the parameters are partitioned as
 they are created (Lightning's `deepspeed.zero.Init`) and each module's tensors are written by rank 0
-inside `GatheredParameters`.
+inside `GatheredParameters`. Under LoRA the adapters are added to the meta model before it is sharded
+(`models.lora.add_lora`), so they are sharded like the rest; `init_adapters` fills them after loading.
 
 The frozen VAE and T5 load in a configurable dtype and stay on the CPU until the module moves what a
 run needs to its device; T5 is not loaded at all when training reads precomputed shards.
@@ -15,6 +16,7 @@ run needs to its device; T5 is not loaded at all when training reads precomputed
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,9 @@ def load_weights(model: DynamiCtrlTransformer3DModel, folder: str | Path,
                  device: torch.device | str) -> dict[str, list[str]]:  # fmt: skip
     """Materialise a meta (possibly FSDP2-sharded) transformer on `device` and fill it from
     `folder`'s safetensors. The pose branch a base CogVideoX checkpoint lacks is initialised as the
-    model's `pose_init` says. Returns the loading report (missing / unexpected keys).
+    model's `pose_init` says. A layer peft wrapped (LoRA) takes the checkpoint's `NAME.weight` as
+    `NAME.base_layer.weight`; its adapters are left to `init_adapters`. Returns the loading report
+    (missing / unexpected keys).
     """
     from safetensors import safe_open
 
@@ -94,21 +98,47 @@ def load_weights(model: DynamiCtrlTransformer3DModel, folder: str | Path,
     _materialise(model, device)
     model.init_pose_branch()  # overwritten below where the checkpoint has the pose branch
     targets = dict(model.state_dict(keep_vars=True))
+    names = {k.replace(".base_layer.", "."): k for k in targets}  # checkpoint name -> the model's
     seen, unexpected = set(), []
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as st:
             for key in st.keys():
-                if key not in targets:
+                if key not in names:
                     unexpected.append(key)
                     continue
-                seen.add(key)
-                _copy(targets[key], st.get_slice(key), key, model)
+                seen.add(names[key])
+                _copy(targets[names[key]], st.get_slice(key), key, model)
     new = tuple(model.new_modules())
     missing = sorted(k for k in targets if k not in seen)
-    if [k for k in missing if not k.startswith(new)]:
-        bad = [k for k in missing if not k.startswith(new)]
+    bad = [k for k in missing if not k.startswith(new) and not _is_adapter(k)]
+    if bad:
         raise UserError(f"{folder}: transformer weights lack {len(bad)} tensors the model needs (first: {bad[0]})")
     return {"missing_keys": missing, "unexpected_keys": unexpected}
+
+
+def _is_adapter(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int = 0) -> int:
+    """Set every LoRA adapter of a materialised (possibly sharded) transformer as peft initialises it
+    (`init_lora_weights=True`: A Kaiming-uniform with a=sqrt(5), B zero, so the adapted model starts as
+    the base), drawn from `seed` on the CPU in full and copied row-wise, so the values do not depend on
+    the device or the number of shards. Returns the number of adapter tensors set."""
+    g = torch.Generator().manual_seed(seed)
+    done = 0
+    for name, param in model.named_parameters():
+        if not _is_adapter(name):
+            continue
+        full = torch.zeros(param.shape, dtype=torch.float32)
+        if ".lora_A." in name:
+            torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=g)
+        rows = _local_rows(param)
+        local = param.to_local() if rows is not None else param
+        local.copy_(full[rows[0] : rows[1]] if rows else full)
+        done += 1
+    return done
 
 
 def _copy(param: torch.Tensor, source: Any, key: str, model: DynamiCtrlTransformer3DModel) -> None:
@@ -233,6 +263,18 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
     tmp.replace(path)
+
+
+def frame_policy(model_path: str) -> Any:
+    """The latent codec's frame policy of a pipeline folder from its configs alone (a VAE on the meta
+    device: nothing loaded), to check `data.num_frames` before the run builds anything."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    from dynamictrl.models.latents import LatentCodec
+
+    with torch.device("meta"):
+        vae = AutoencoderKLCogVideoX.from_config(AutoencoderKLCogVideoX.load_config(model_path, subfolder="vae"))
+    return LatentCodec(vae, transformer_config(model_path).get("patch_size_t"))
 
 
 def text_length(model_path: str) -> int:

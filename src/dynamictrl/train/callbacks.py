@@ -96,8 +96,8 @@ class SampleVideo(L.Callback):
             mask = batch["mask"][0, 0].cpu().numpy()
         else:  # precomputed: the pose video back from its first latents only
             ref = Z.tensor_to_frames(batch["ref"][0][:, None])[0]
-            n_lat = (self.num_frames - 1) // int(pipe.vae.config.temporal_compression_ratio) + 1
-            pose = Z.tensor_to_frames(Z.decode_latents(pipe.vae, batch["pose_latents"][:1, :n_lat])[0])
+            n_lat = module.codec.latent_frames(self.num_frames)
+            pose = Z.tensor_to_frames(module.codec.decode(batch["pose_latents"][:1, :n_lat])[0])
             mask = batch["ref_mask"][0].cpu().numpy()
         pose = pose[: self.num_frames]
         grid = pipe.vae_scale_factor_spatial * module.transformer.config.patch_size
@@ -124,9 +124,11 @@ class SampleVideo(L.Callback):
         was_training = module.transformer.training
         module.transformer.eval()
         try:
+            # the training precision's forward context: bf16-mixed autocasts, as a LoRA's bf16 base needs
             with context if context is not None else contextlib.nullcontext():
                 frames = pipe(ref, pose, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                               ofs=module.hparams.ofs, reference_mask=mask if module.hparams.mask_reference else None,
+                              reference_scaling=module.codec.reference_scaling,
                               generator=torch.Generator().manual_seed(self.seed + step), **text).frames[0]  # fmt: skip
         finally:
             pipe.scheduler = scheduler

@@ -28,7 +28,8 @@ from torch import nn
 
 from dynamictrl.errors import UserError
 from dynamictrl.models import latents as Z
-from dynamictrl.models.pipeline import DynamiCtrlPipeline
+from dynamictrl.models.lora import add_lora, check_rank
+from dynamictrl.models.pipeline import DynamiCtrlPipeline, folder_settings
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 from dynamictrl.train import build
 
@@ -81,6 +82,14 @@ class EMAWeights(nn.Module):
         return out
 
 
+def check_resume_keys(expected: list[str], saved: Any) -> None:
+    """Strict loading is off under LoRA (its checkpoints lack the frozen base): check that what trains is there."""
+    missing = [k for k in expected if k not in saved]
+    if missing:
+        raise UserError(f"resume: the checkpoint lacks {len(missing)} trainable weights (e.g. {missing[0]}); "
+                        f"was it trained with the same module.lora settings?")  # fmt: skip
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -114,10 +123,16 @@ class DynamiCtrlModule(L.LightningModule):
         ema_decay: keep an exponential moving average of the trainable weights (None: off, as in the
             official recipe). ema_device: "same" (beside the weights, sharded like them) or "cpu".
         seed: with the global step and the rank, seeds each step's random draws.
+        lora: `rank` (null or 0: full fine-tuning), `alpha`, `dropout`, `target_modules`, `base_dtype`:
+            train LoRA adapters with the base frozen and the pose branch in full (`models/lora.py`).
+            Checkpoints then hold the trainable weights (and their EMA) only; the frozen ones come from
+            `model_path`. Not under DeepSpeed (use trainer=gpu, ddp or fsdp).
+        reference_scaling: how the reference latent is scaled (`diffusers` | `official` | `scaled`, see
+            `models.latents`); None: the loaded checkpoint's convention. The export records it.
 
     Nothing is loaded in the constructor: `configure_model` (called by the Trainer under the strategy's
-    contexts, or directly outside a Trainer) builds the transformer on the meta device, lets the
-    strategy shard it, and fills it on the training device from the checkpoint.
+    contexts, or directly outside a Trainer) builds the transformer on the meta device, adds the LoRA
+    adapters there, lets the strategy shard it, and fills it on the training device from the checkpoint.
     """
 
     def __init__(
@@ -141,15 +156,25 @@ class DynamiCtrlModule(L.LightningModule):
         ema_decay: float | None = None,
         ema_device: str = "same",
         seed: int = 0,
+        lora: dict[str, Any] | None = None,
+        reference_scaling: str | None = None,
     ):
         super().__init__()
         if weights not in ("pretrained", "random"):
             raise UserError(f"module.weights={weights}: use pretrained or random")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        if reference_scaling not in (None, *Z.REFERENCE_SCALINGS):
+            raise UserError(f"module.reference_scaling={reference_scaling}: use one of {', '.join(Z.REFERENCE_SCALINGS)} "
+                            "or null (the checkpoint's own)")  # fmt: skip
+        self.lora = dict(lora) if lora and lora.get("rank") else None
+        if self.lora:
+            check_rank(self.lora["rank"])  # the rest is checked against the model in configure_model
+            self.strict_loading = False  # checkpoints hold the trainable weights only (on_save_checkpoint)
         self.transformer: DynamiCtrlTransformer3DModel | None = None
         self.ema: EMAWeights | None = None
         object.__setattr__(self, "pipe", None)  # not a submodule: frozen parts stay out of checkpoints
+        self.codec: Z.LatentCodec | None = None  # encode/scale/pad as inference does; with the VAE
         self.loading_report: dict[str, list[str]] = {}
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._empty_text: torch.Tensor | None = None
@@ -166,6 +191,8 @@ class DynamiCtrlModule(L.LightningModule):
         choice = {k: v for k, v in (("control", hp.control), ("pose_init", hp.pose_init)) if v}
         config = build.transformer_config(hp.model_path, **choice)
         folder = Path(hp.model_path) / "transformer"
+        if self.lora:
+            self._check_lora_strategy(strategy, precision)
         if getattr(strategy, "zero_stage_3", False):  # created partitioned inside Lightning's zero.Init
             if hp.ema_decay:
                 raise UserError("module.ema_decay: no EMA under DeepSpeed ZeRO-3 (partitioned weights); use trainer=fsdp")
@@ -178,12 +205,16 @@ class DynamiCtrlModule(L.LightningModule):
             # DeepSpeed keeps bf16 weights on the GPU (fp32 master copies in its optimizer): load them so.
             bf16 = isinstance(strategy, DeepSpeedStrategy) and "bf16" in precision
             model = build.empty_transformer(config, torch.bfloat16 if bf16 else torch.float32)
+            if self.lora:  # on the meta device, before sharding: the adapters are sharded like the rest
+                add_lora(model, **self.lora)
             if hasattr(strategy, "shard"):
                 strategy.shard(model)
             if hp.weights == "pretrained":
                 self.loading_report = build.load_weights(model, folder, device)
             else:
                 build.random_weights(model, device, seed=hp.seed)
+            if self.lora:  # peft's default init (A random, B zero: step 0 computes the base), from the seed
+                build.init_adapters(model, seed=hp.seed)
         if self.checkpointing(model):
             model.enable_gradient_checkpointing()
         model.train()
@@ -191,6 +222,17 @@ class DynamiCtrlModule(L.LightningModule):
         self._build_frozen(build.frozen_dtype(hp.encoder_dtype, precision))
         if hp.ema_decay:
             self.ema = EMAWeights(self.trainable(), hp.ema_decay, hp.ema_device)
+
+    def _check_lora_strategy(self, strategy: Any, precision: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(strategy, DeepSpeedStrategy):
+            raise UserError("module.lora: LoRA trains under trainer=gpu, ddp or fsdp, not DeepSpeed (its bf16 "
+                            "engine casts the float32 adapters; sharding a few adapters gains nothing)")  # fmt: skip
+        base_dtype = self.lora.get("base_dtype")
+        if base_dtype and self._trainer is not None and "mixed" not in precision:
+            raise UserError(f"module.lora.base_dtype={base_dtype} needs autocast: "
+                            f"trainer.precision=bf16-mixed (got {precision})")  # fmt: skip
 
     def checkpointing(self, model: torch.nn.Module) -> bool:
         setting = self.hparams.gradient_checkpointing
@@ -208,7 +250,9 @@ class DynamiCtrlModule(L.LightningModule):
             else:
                 parts = build.load_frozen(hp.model_path, dtype, text_encoder=not hp.precomputed_dir)
         pipe = DynamiCtrlPipeline(transformer=self.transformer, **parts)
+        pipe.apply_settings(folder_settings(hp.model_path))  # a released folder's conventions, dynamictrl.json
         object.__setattr__(self, "pipe", pipe)
+        self.codec = pipe.latent_codec(hp.reference_scaling)
         if hp.precomputed_dir:
             text_len = self.transformer.config.max_text_seq_length
             self._empty_text = build.empty_text_embedding(hp.precomputed_dir, hp.model_path, text_len, dtype)
@@ -249,13 +293,13 @@ class DynamiCtrlModule(L.LightningModule):
         """Target and pose latents, (B, F, C, h, w) each: precomputed, cached, or encoded now."""
         if "latents" in batch:
             return batch["latents"].float(), batch["pose_latents"].float()
-        vae, keys = self.pipe.vae, batch.get("key")
+        codec, keys = self.codec, batch.get("key")
         if not self.hparams.cache_latents or keys is None:
-            return Z.encode_video(vae, batch["video"]).float(), Z.encode_video(vae, batch["pose"]).float()
+            return codec.encode_video(batch["video"]).float(), codec.encode_video(batch["pose"]).float()
         todo = [i for i, k in enumerate(keys) if k not in self._latent_cache]
         if todo:
-            target = Z.encode_video(vae, batch["video"][todo])
-            pose = Z.encode_video(vae, batch["pose"][todo])
+            target = codec.encode_video(batch["video"][todo])
+            pose = codec.encode_video(batch["pose"][todo])
             for j, i in enumerate(todo):
                 self._latent_cache[keys[i]] = (target[j].float().cpu(), pose[j].float().cpu())
         pairs = [self._latent_cache[k] for k in keys]
@@ -265,7 +309,7 @@ class DynamiCtrlModule(L.LightningModule):
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """The training loss for one batch: raw (video/pose (B, 3, T, H, W) in [-1, 1], mask (B, T, H, W),
         caption) or precomputed (latents, pose_latents, text_embeds, ref (B, 3, H, W), ref_mask, caption)."""
-        hp, vae, sched = self.hparams, self.pipe.vae, self.pipe.scheduler
+        hp, sched = self.hparams, self.pipe.scheduler
         ref = batch["ref"] if "ref" in batch else batch["video"][:, :, 0]  # (B, 3, H, W)
         b, device = ref.shape[0], ref.device
 
@@ -282,14 +326,14 @@ class DynamiCtrlModule(L.LightningModule):
         with torch.no_grad():
             target, pose_lat = self.encode_clips(batch)  # (B, F, C, h, w) each
             n_lat = target.shape[1]
-            image_lat = Z.encode_reference(vae, ref, n_lat).float()
+            image_lat = self.codec.encode_reference(ref, n_lat).float()
             keep = (rand(b) >= hp.ref_drop).to(image_lat.dtype)
             image_lat = image_lat * keep[:, None, None, None, None]
             text = self.text_embeddings(batch, captions)
 
         # 2. Noise the target at uniform timesteps.
         p_t = self.transformer.config.patch_size_t
-        target_p, pose_p, image_p = (Z.pad_for_patch_t(x, p_t) for x in (target, pose_lat, image_lat))
+        target_p, pose_p, image_p = (self.codec.pad(x) for x in (target, pose_lat, image_lat))
         noise = torch.randn(target_p.shape, generator=generator).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(device)
         noisy = sched.add_noise(target_p, noise, t)
@@ -308,7 +352,7 @@ class DynamiCtrlModule(L.LightningModule):
         x0 = sched.get_velocity(v, noisy, t)
         alpha_bar = sched.alphas_cumprod.to(device)[t]
         weight = (1 / (1 - alpha_bar)).view(b, 1, 1, 1, 1)
-        err = (weight * (Z.unpad(x0, n_lat) - target) ** 2).mean(dim=(1, 2, 3, 4))
+        err = (weight * (self.codec.unpad(x0, n_lat) - target) ** 2).mean(dim=(1, 2, 3, 4))
         return err.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -329,6 +373,22 @@ class DynamiCtrlModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update([p for _, p in self.trainable()])
+
+    # LoRA: checkpoints hold what trains (and its EMA); the frozen base is model_path's, and saving it
+    # at every checkpoint would cost GBs at 5B. Under FSDP2 the strategy loads such a checkpoint partially.
+    def checkpoint_keys(self) -> list[str]:
+        """The state-dict keys a LoRA checkpoint holds: the trainable weights and the EMA buffers."""
+        keys = [f"transformer.{n}" for n, _ in self.trainable()]
+        return keys + ([f"ema.{k}" for k in self.ema.state_dict()] if self.ema is not None else [])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora:
+            keep = set(self.checkpoint_keys())
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora and "state_dict" in checkpoint:  # (FSDP2: the strategy checked the shards' keys)
+            check_resume_keys(self.checkpoint_keys(), checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.transformer.parameters() if p.requires_grad]

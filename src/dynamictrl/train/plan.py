@@ -18,8 +18,11 @@ are dropped as soon as they are accumulated, so the peak is activations plus tem
 uses bf16 weights under bf16 autocast, as FSDP2's and DeepSpeed's compute copies are; AMP strategies
 (gpu, ddp) add autocast's bf16 weight copies as a formula row.
 
-`trainable_parameters` decides what trains (every parameter that requires grad): the hook where
-adapters (LoRA) change the gradient and optimizer rows.
+`trainable_parameters` decides what trains: every parameter in full fine-tuning; with
+`module.lora.rank` it adds the LoRA adapters to the meta model (`models.lora.add_lora`, as training
+does) and only the adapters and the pose branch (PadaLN) train, the frozen base counted in
+`module.lora.base_dtype`. The gradient, optimizer and EMA rows follow it, and the activation run
+uses the adapted model (a frozen linear saves no input for a weight gradient).
 """
 
 from __future__ import annotations
@@ -69,9 +72,23 @@ def meta_transformer(cfg: DictConfig) -> torch.nn.Module:
         return DynamiCtrlTransformer3DModel(**model_architecture(cfg))
 
 
-def trainable_parameters(model: torch.nn.Module, cfg: DictConfig) -> list[tuple[str, torch.nn.Parameter]]:
-    """What the optimizer trains. Full fine-tuning: every parameter. (A LoRA config would add its
-    adapters here and freeze the rest; the plan's grads/optimizer/EMA rows follow this list.)"""
+def lora_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """`module.lora` when LoRA is on (a rank), else None."""
+    lora = cfg.module.get("lora")
+    return dict(OmegaConf.to_container(lora, resolve=True)) if lora and lora.get("rank") else None  # type: ignore[arg-type]
+
+
+def trainable_parameters(model: torch.nn.Module, cfg: DictConfig,
+                         cast: bool = True) -> list[tuple[str, torch.nn.Parameter]]:  # fmt: skip
+    """What the optimizer trains. Full fine-tuning: every parameter. With `module.lora.rank`, the LoRA
+    adapters are added to `model` (in place, as training adds them; the frozen base cast to
+    `base_dtype`) and the adapters and the pose branch train; the plan's grads/optimizer/EMA rows
+    follow this list. `cast=False` leaves the base's dtype alone (a model built in bf16 already)."""
+    lora = lora_settings(cfg)
+    if lora:
+        from dynamictrl.models.lora import add_lora
+
+        add_lora(model, **(lora if cast else lora | {"base_dtype": None}))
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -83,6 +100,9 @@ class Counts:
     layers: int
     vae: int
     t5: int
+    frozen_bytes: float = 0.0  # the transformer's frozen weights (LoRA's base), in their dtype
+    frozen_dtype: str = "float32"
+    block_trainable: int = 0  # the largest block's trainable parameters (its unsharded gradients)
 
 
 def count(cfg: DictConfig) -> Counts:
@@ -90,15 +110,21 @@ def count(cfg: DictConfig) -> Counts:
     from transformers import T5Config, T5EncoderModel
 
     model = meta_transformer(cfg)
+    trainable = trainable_parameters(model, cfg)  # LoRA: adds the adapters to `model`
     blocks = [sum(p.numel() for p in b.parameters()) for b in model.transformer_blocks]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     with torch.device("meta"):
         if cfg.model.get("path") or "transformer" not in cfg.model:  # the folder's own VAE / T5
             vae, t5 = _frozen_meta(cfg)
         else:  # full-size configs: CogVideoX's VAE (diffusers' defaults) and T5-XXL
             vae, t5 = AutoencoderKLCogVideoX(), T5EncoderModel(T5Config(**T5_XXL))
-    return Counts(total=sum(p.numel() for p in model.parameters()),
-                  trainable=sum(p.numel() for _, p in trainable_parameters(model, cfg)), block=max(blocks), layers=len(blocks),
-                  vae=sum(p.numel() for p in vae.parameters()), t5=sum(p.numel() for p in t5.parameters()))  # fmt: skip
+    return Counts(total=sum(p.numel() for p in model.parameters()), trainable=sum(p.numel() for _, p in trainable),
+                  block=max(blocks), layers=len(blocks), vae=sum(p.numel() for p in vae.parameters()),
+                  t5=sum(p.numel() for p in t5.parameters()),
+                  frozen_bytes=float(sum(p.numel() * p.element_size() for p in frozen)),
+                  frozen_dtype=str(frozen[0].dtype).removeprefix("torch.") if frozen else "float32",
+                  block_trainable=max(sum(p.numel() for p in b.parameters() if p.requires_grad)
+                                      for b in model.transformer_blocks))  # fmt: skip
 
 
 def _frozen_meta(cfg: DictConfig):
@@ -154,10 +180,16 @@ def state_rows(kind: str, c: Counts, gpus: int, cfg: DictConfig) -> tuple[dict[s
     rows: dict[str, float] = {}
     host: dict[str, float] = {}
     bucket = 2 * 5e8 * 2  # DeepSpeed's reduce + all-gather buckets (5e8 elements, bf16)
+    if kind in ("zero2", "zero3") and c.frozen_bytes:
+        raise UserError("module.lora: LoRA trains under trainer=gpu, ddp or fsdp, not DeepSpeed")
     if kind in ("cpu", "single", "ddp"):
-        rows["weights (fp32)"] = 4 * P
-        if kind != "cpu":
-            rows["autocast bf16 weight copies"] = 2 * P
+        if c.frozen_bytes:  # LoRA: the frozen base in its own dtype, the trainable weights in fp32
+            rows["weights, trainable (fp32)"] = 4 * T
+            rows[f"weights, frozen ({c.frozen_dtype})"] = c.frozen_bytes
+        else:
+            rows["weights (fp32)"] = 4 * P
+        if kind != "cpu":  # autocast caches bf16 copies of the weights that require grad only
+            rows["autocast bf16 weight copies"] = 2 * T
         rows["gradients (fp32)"] = 4 * T
         rows["AdamW state (fp32 m, v)"] = 8 * T
         if ema:
@@ -165,10 +197,14 @@ def state_rows(kind: str, c: Counts, gpus: int, cfg: DictConfig) -> tuple[dict[s
     elif kind == "fsdp":
         offload = bool(cfg.trainer.strategy.get("cpu_offload"))
         shards = host if offload else rows  # CPUOffloadPolicy keeps the shards and AdamW in host memory
-        shards["weights (fp32 shard)"] = 4 * P / n
+        if c.frozen_bytes:
+            shards["weights, trainable (fp32 shard)"] = 4 * T / n
+            shards[f"weights, frozen ({c.frozen_dtype} shard)"] = c.frozen_bytes / n
+        else:
+            shards["weights (fp32 shard)"] = 4 * P / n
         rows["gathered blocks (bf16, 2 in flight)"] = 2 * 2 * c.block if n > 1 or offload else 0.0
         shards["gradients (fp32 shard)"] = 4 * T / n
-        rows["gradients (a block unsharded)"] = 4 * c.block
+        rows["gradients (a block unsharded)"] = 4 * (c.block_trainable or c.block)
         shards["AdamW state (fp32 shard)"] = 8 * T / n
         if ema:
             (rows if ema_gpu and not offload else host)["EMA (fp32 shard)"] = 4 * T / n
@@ -193,7 +229,7 @@ def measure_activations(cfg: DictConfig, frames: int, height: int, width: int, b
     `DynamiCtrlModule.loss` + backward on a precomputed-style batch under FakeTensorMode + MemTracker,
     with the model's blocks or `num_layers` of them. `count_flops`: the step's FLOPs instead."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from dynamictrl.models import embedded
@@ -215,13 +251,19 @@ def measure_activations(cfg: DictConfig, frames: int, height: int, width: int, b
             vae = AutoencoderKLCogVideoX(**vae_cfg)  # encodes under no_grad; MemTracker hooks need grad-able params
         finally:
             torch.set_default_dtype(default)
+        # LoRA: the adapted model, adapters fp32. peft's `.to()` of new layers cannot swap fake tensors, so
+        # the adapters are made real (small: r x width each) and the base stays bf16, as built.
+        with unset_fake_temporarily():
+            trainable_parameters(model, cfg, cast=False)
         if checkpointing:
             model.enable_gradient_checkpointing()
         for p in model.parameters():  # drop each weight gradient once accumulated: not an activation
-            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         module.transformer = model
         pipe = DynamiCtrlPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model, scheduler=scheduler)
         object.__setattr__(module, "pipe", pipe)
+        module.codec = pipe.latent_codec()
         stride, t_ratio = 2 ** (len(vae.config.block_out_channels) - 1), vae.config.temporal_compression_ratio
         n_lat, h, w = (frames - 1) // t_ratio + 1, height // stride, width // stride
         lat = (batch, n_lat, vae.config.latent_channels, h, w)
@@ -240,10 +282,23 @@ def measure_activations(cfg: DictConfig, frames: int, height: int, width: int, b
         return {"flops": float(flops.get_total_flops())}
     tracker = MemTracker()
     tracker.track_external(model, vae)
+    for p in model.parameters():  # LoRA's frozen base: MemTracker would hook every weight's gradient
+        if not p.requires_grad:
+            tracker._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
     with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
         loss = module.loss(data, generator=torch.Generator().manual_seed(0))
         loss.backward()
     return {"transformer": _module_peak(tracker, model), "vae": _module_peak(tracker, vae.encoder)}
+
+
+class _NoHook:
+    """Stands for MemTracker's gradient-hook handles of a frozen weight (no gradient, no hook)."""
+
+    def remove(self) -> None:
+        pass
+
+
+_NO_HOOK = _NoHook()
 
 
 def _module_peak(tracker: Any, module: torch.nn.Module) -> float:
@@ -338,6 +393,8 @@ def check_fits(cfg: DictConfig) -> None:
         alt = cfg.copy()
         with open_dict(alt):
             alt.trainer = OmegaConf.load(config.conf_dir() / "trainer" / f"{candidate}.yaml")
+        if lora_settings(cfg) and strategy_kind(alt.trainer) in ("zero2", "zero3"):
+            continue  # LoRA is not run under DeepSpeed
         if strategy_kind(alt.trainer) != kind and state_bytes(alt, max(gpus, 2))[0] <= MARGIN * limit * GB:
             suggest = candidate
             break
@@ -414,8 +471,12 @@ def main(argv: list[str] | None = None) -> list[Plan]:
     gpus, gpu_gb = int(opts["gpus"]), float(opts["gpu_gb"])
     plans: list[Plan] = []
     counts = activations = None
+    skipped = []
     for name in names:
         cfg = config.load("train", [f"trainer={name}", "data.train_shards=x", *rest])
+        if choice == "all" and lora_settings(cfg) and strategy_kind(cfg.trainer) in ("zero2", "zero3"):
+            skipped.append(name)  # LoRA is refused under DeepSpeed
+            continue
         clip = tuple(int(opts[k] or cfg.model.get(k2) or d) for k, k2, d in
                      (("frames", "num_frames", 9), ("height", "height", 96), ("width", "width", 64)))  # fmt: skip
         counts = counts or count(cfg)
@@ -427,6 +488,10 @@ def main(argv: list[str] | None = None) -> list[Plan]:
     print(f"Memory plan: {model}, {counts.total / 1e9:.2f} B parameters ({counts.trainable / 1e9:.2f} B trainable), "
           f"clip {clip[0]} x {clip[1]} x {clip[2]}, batch {int(opts['batch_size'])} per GPU, "
           f"{'precomputed shards (no T5)' if opts['precomputed'] else 'raw shards (T5 loaded)'}")  # fmt: skip
+    lora = lora_settings(cfg)
+    if lora:
+        print(f"LoRA rank {lora['rank']}: adapters and the pose branch trained in full, the base frozen in "
+              f"{counts.frozen_dtype}" + (f" (not run under DeepSpeed: {', '.join(skipped)} left out)" if skipped else ""))
     print("\n".join(table(plans, (24, 48, 80, 141))))
     print(f"\n{plans[0].source}; weights, gradients, optimizer state and encoders counted from the parameters "
           "(formula per strategy). 'fits' keeps 10% of the GPU for the CUDA context, fragmentation and NCCL.")  # fmt: skip

@@ -60,26 +60,28 @@ def rank_and_world(cfg: DictConfig) -> tuple[int, int]:
 
 
 def load_encoders(path: str, device: str):
-    """The frozen VAE and T5 of a pipeline folder (no transformer loaded), and the text length."""
+    """The frozen VAE and T5 of a pipeline folder (no transformer loaded), the text length, and the
+    latent codec (the transformer's temporal patch decides the frame policy)."""
     from dynamictrl.models.pipeline import DynamiCtrlPipeline
 
     pipe = DynamiCtrlPipeline.from_pretrained(path, transformer=None)
     pipe.vae.to(device).eval()
     pipe.text_encoder.to(device).eval()
-    text_len = json.loads((Path(path) / "transformer" / "config.json").read_text())["max_text_seq_length"]
-    return pipe, int(text_len)
+    tc = json.loads((Path(path) / "transformer" / "config.json").read_text())
+    return pipe, int(tc["max_text_seq_length"]), Z.LatentCodec(pipe.vae, tc.get("patch_size_t"))
 
 
 @torch.no_grad()
 def precompute_sample(pipe: Any, text_len: int, s: dict[str, Any], num_frames: int, device: str,
-                      dtype: np.dtype) -> dict[str, Any]:  # fmt: skip
+                      dtype: np.dtype, codec: Z.LatentCodec | None = None) -> dict[str, Any]:  # fmt: skip
     """One decoded raw sample -> precomputed members (the same encoding calls as training's)."""
     if len(s["frames"]) < num_frames:
         raise ValueError(f"{len(s['frames'])} frames, need {num_frames}")
+    codec = codec or Z.LatentCodec(pipe.vae)
     frames, pose = s["frames"][:num_frames], s["pose"][:num_frames]
     video = Z.frames_to_tensor(frames, device)[None]  # (1, 3, T, H, W)
     pose_px = Z.frames_to_tensor(pose, device)[None]
-    target, pose_lat = Z.encode_video(pipe.vae, video)[0], Z.encode_video(pipe.vae, pose_px)[0]  # (F, C, h, w)
+    target, pose_lat = codec.encode_video(video)[0], codec.encode_video(pose_px)[0]  # (F, C, h, w)
     text, _ = pipe.encode_prompt([s["caption"]], do_classifier_free_guidance=False, device=device,
                                  max_sequence_length=text_len)  # fmt: skip
     meta = dict(s["meta"])
@@ -110,7 +112,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dtype = np.dtype(cfg.dtype)
     if dtype not in (np.float32, np.float16):
         raise UserError(f"dtype={cfg.dtype}: use float32 (exact) or float16 (half the disk)")
-    pipe, text_len = load_encoders(model_path(cfg), device)
+    pipe, text_len, codec = load_encoders(model_path(cfg), device)
+    try:
+        codec.check_frames(int(cfg.num_frames))
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if not (out / EMPTY_TEXT).is_file():  # a dropped caption's embedding: training then needs no T5
         with torch.no_grad():
             empty, _ = pipe.encode_prompt([""], do_classifier_free_guidance=False, device=device,
@@ -136,7 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         stream = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=bad_shard))
         for raw in stream:
             try:
-                writer.write(precompute_sample(pipe, text_len, decode_sample(raw), cfg.num_frames, device, dtype))
+                writer.write(precompute_sample(pipe, text_len, decode_sample(raw), cfg.num_frames, device, dtype, codec))
                 written += 1
             except Exception as e:  # noqa: BLE001 - a bad sample is a reject, not the end of the run
                 rejected += 1

@@ -14,9 +14,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from dynamictrl.data.shards import list_shards
+from dynamictrl.data.shards import clip_settings, list_shards
 from dynamictrl.errors import UserError
 from dynamictrl.models import embedded
+from dynamictrl.train import build
 from dynamictrl.train.callbacks import RNGState, SampleVideo, Throughput
 from dynamictrl.train.datamodule import precomputed_dir
 from dynamictrl.train.plan import check_fits
@@ -92,13 +93,28 @@ def full_transformer_state(trainer: L.Trainer, module: Any) -> dict[str, torch.T
 
 
 def export(trainer: L.Trainer, module: Any, folder: Path, state: dict[str, torch.Tensor]) -> None:
-    """The transformer in diffusers layout (config.json + safetensors), loadable by from_pretrained."""
+    """The transformer in diffusers layout (config.json + safetensors), loadable by from_pretrained;
+    under LoRA the adapters and the pose branch only (`models/lora.py`: the base stays where it is)."""
     from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
+
+    if getattr(module, "lora", None):
+        from dynamictrl.models.lora import save_lora
+
+        save_lora(folder, module.transformer, state)
+        return
 
     with torch.device("meta"):
         model = DynamiCtrlTransformer3DModel.from_config(module.transformer.config)
     model.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, assign=True)
     model.save_pretrained(folder, safe_serialization=True)
+
+
+def export_settings(module: Any, datamodule: Any, base: str) -> dict[str, Any]:
+    """What animate needs to run the export as it was trained (`OUTPUT/dynamictrl.json`)."""
+    data = clip_settings(list_shards(datamodule.train_shards))
+    return {"num_frames": int(datamodule.num_frames), "buckets": data["buckets"], "fps": data["fps"],
+            "reference_scaling": module.codec.reference_scaling, "base": str(Path(base).resolve()),
+            "control": module.transformer.config.control}  # fmt: skip
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -110,6 +126,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_fits(cfg)
     base = model_path(cfg)
     datamodule = instantiate(cfg.data)
+    try:  # the clip length must suit the model version's frame policy (models/latents.py), before any loading
+        build.frame_policy(base).check_frames(int(datamodule.num_frames), "data.num_frames")
+    except ValueError as err:
+        raise UserError(str(err)) from None
     module = instantiate(cfg.module, model_path=base, precomputed_dir=precomputed_dir(cfg.data.train_shards))
     last = out / "checkpoints" / "last.ckpt"
     resume = resume_path(cfg, last)
@@ -127,7 +147,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    folder = out / "transformer"
+    kind = "lora" if getattr(module, "lora", None) else "transformer"  # what the export holds
+    folder = out / kind
     if not cfg.get("final_save", True):  # the GPU check: a 5B checkpoint would not fit its disk
         if trainer.is_global_zero:
             merge_metrics(metrics, previous)
@@ -138,13 +159,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         merge_metrics(metrics, previous)
         if ema is not None:  # the EMA weights are the export; the trained ones sit beside them
-            export(trainer, module, out / "transformer_raw", state)
+            export(trainer, module, out / f"{kind}_raw", state)
             state = {k: ema.get(k, v) for k, v in state.items()}
         export(trainer, module, folder, state)
-        info = {"base": str(Path(base).resolve()), "transformer": "transformer", "ema": module.ema is not None}
+        info = {"base": str(Path(base).resolve()), kind: kind, "ema": module.ema is not None}
         (out / "model.json").write_text(json.dumps(info, indent=1))
+        (out / "dynamictrl.json").write_text(json.dumps(export_settings(module, datamodule, base), indent=1))
         print(f"train: {trainer.global_step} steps -> {out}/metrics.csv, {last}, {folder} "
               f"({datamodule.skipped} corrupt samples skipped)")  # fmt: skip
     return {"output": str(out), "metrics_csv": str(metrics), "last_ckpt": str(last),
-            "transformer": str(folder), "steps": trainer.global_step, "skipped_samples": datamodule.skipped,
+            kind: str(folder), "steps": trainer.global_step, "skipped_samples": datamodule.skipped,
             "samples": [str(p) for c in callbacks if isinstance(c, SampleVideo) for p in c.written]}  # fmt: skip

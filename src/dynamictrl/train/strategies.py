@@ -52,6 +52,40 @@ class FSDP2Strategy(ModelParallelStrategy):
         fully_shard(model, reshard_after_forward=self.reshard_after_forward, **opts)
         return model
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, except for a module with `strict_loading` off (LoRA) and a sharded folder:
+        its checkpoints hold part of the weights (the trainable ones and their EMA), so only the keys the
+        folder holds are read, after checking that every key the module needs is among them."""
+        from pathlib import Path
+
+        import torch
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from dynamictrl.train.module import check_resume_keys
+
+        module = self.lightning_module
+        path = Path(self.broadcast(checkpoint_path))
+        if module.strict_loading or not (path.is_dir() and (path / "meta.pt").is_file()):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = {k.removeprefix("state_dict.") for k in FileSystemReader(path).read_metadata().state_dict_metadata}
+        needed = module.checkpoint_keys() if hasattr(module, "checkpoint_keys") else []
+        check_resume_keys(needed, saved)
+        state = {k: v for k, v in get_model_state_dict(self.model).items() if k in saved}
+        load({"state_dict": state}, checkpoint_id=path)
+        self.model.load_state_dict(state, strict=False)
+        for idx, optimizer in enumerate(self.optimizers):  # as Lightning does: the trainable params only
+            optim_state = {f"optimizer_{idx}": get_optimizer_state_dict(self.model, optimizer)}
+            load(optim_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[f"optimizer_{idx}"],
+                                     options=StateDictOptions(cpu_offload=True))  # fmt: skip
+        return torch.load(path / "meta.pt", weights_only=weights_only)
+
 
 def fsdp(**kwargs: Any):
     """The FSDP2 strategy (`conf/trainer/fsdp.yaml`): full shard of weights, grads and optimizer state,
