@@ -52,6 +52,9 @@ eval: setup ## ARGS="generated=DIR reference=DIR output=DIR"
 lint: setup ## ruff
 	$(PY) -m ruff check src tests pipelines
 
+gpu-check: setup ## on a GPU machine: 5B with random weights, N fsdp steps, measured vs planned memory -> docs/gpu-check.md
+	PYTHON=.venv/bin/python scripts/gpu_check.sh $(ARGS)
+
 clean: ## remove outputs (keeps .venv and data/)
 	rm -rf outputs
 

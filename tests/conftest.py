@@ -36,3 +36,16 @@ def shards(raw_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     run(config.load("preprocess", [f"input={raw_data}", f"output={out}", "progress=false"]))
     return out
+
+
+@pytest.fixture(scope="session")
+def precomputed(tiny_model, shards, tmp_path_factory) -> Path:
+    """The shards precomputed with the tiny model (latents, T5 embeddings, empty_text.npy)."""
+    from dynamictrl import config
+    from dynamictrl.train.precompute import run as precompute
+
+    out = tmp_path_factory.mktemp("precomputed")
+    result = precompute(config.load("precompute", [f"input={shards}/train-*.tar", f"output={out}",
+                                                   f"model.path={tiny_model}", "progress=false"]))  # fmt: skip
+    assert result["clips"] > 0 and result["rejected"] == 0
+    return out

@@ -100,7 +100,8 @@ def test_debug_overlay_and_other_apps_compose():
 
 def test_every_yaml_is_covered():
     groups = ("trainer", "experiment", "model", "clip", "pose", "mask", "caption", "debug", "eval/metrics", "logger")
-    covered = {"train", "preprocess", "precompute", "eval", "demo", "animate/animate", "eval/eval", "data/shards"}
+    covered = {"train", "preprocess", "precompute", "eval", "demo", "animate/animate", "eval/eval", "data/shards",
+               "ablation"}  # ablation: composed in test_ablation
     covered |= {f"{g}/{n}" for g in groups for n in group(g)}
     covered |= {"hydra/launcher/slurm"}  # composed in test_preprocess_faults
     shipped = {str(p.relative_to(CONF).with_suffix("")) for p in Path(CONF).rglob("*.yaml")}

@@ -14,15 +14,6 @@ from dynamictrl.train.precompute import run as precompute
 from dynamictrl.train.run import run as train
 
 
-@pytest.fixture(scope="module")
-def precomputed(tiny_model, shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("precomputed")
-    result = precompute(config.load("precompute", [f"input={shards}/train-*.tar", f"output={out}",
-                                                   f"model.path={tiny_model}", "progress=false"]))  # fmt: skip
-    assert result["clips"] > 0 and result["rejected"] == 0
-    return out
-
-
 def test_precomputed_shards_hold_npy_members_only(precomputed):
     with tarfile.open(next(precomputed.glob("*.tar"))) as tar:
         names = tar.getnames()
@@ -51,6 +42,7 @@ def test_precomputed_and_raw_batches_agree_under_every_recipe_option(tiny_model,
     cfg = config.load("train", ["experiment=demo", f"data.train_shards={shards}/train-*.tar", "data.num_workers=0",
                                 "data.batch_size=3", "module.cache_latents=false"])  # fmt: skip
     module = instantiate(cfg.module, model_path=str(tiny_model))
+    module.configure_model()
     batches = []
     for glob in (f"{shards}/train-*.tar", f"{precomputed}/*.tar"):
         dm = instantiate(cfg.data, train_shards=glob)

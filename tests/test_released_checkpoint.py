@@ -202,6 +202,7 @@ def test_training_from_released_weights_at_37_frames_uses_their_convention(relea
     from dynamictrl.train.module import DynamiCtrlModule
 
     module = DynamiCtrlModule(str(released), optimizer=partial(torch.optim.AdamW))
+    module.configure_model()
     assert module.codec.reference_scaling == "official"
     g = torch.Generator().manual_seed(0)
     batch = {"video": torch.rand(1, 3, 37, 32, 32, generator=g) * 2 - 1, "pose": torch.rand(1, 3, 37, 32, 32, generator=g) * 2 - 1,
@@ -211,5 +212,6 @@ def test_training_from_released_weights_at_37_frames_uses_their_convention(relea
     loss = module.loss(batch, generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and module.transformer.transformer_blocks[0].control_norm1.linear.weight.grad is not None
-    assert DynamiCtrlModule(str(released), optimizer=partial(torch.optim.AdamW),
-                            reference_scaling="scaled").codec.reference_scaling == "scaled"  # fmt: skip
+    scaled = DynamiCtrlModule(str(released), optimizer=partial(torch.optim.AdamW), reference_scaling="scaled")
+    scaled.configure_model()
+    assert scaled.codec.reference_scaling == "scaled"

@@ -1,5 +1,5 @@
 """Trainer configs: 2-process DDP trains on CPU (gloo); FSDP, DeepSpeed and SLURM configs compose
-and build their strategy objects on CPU."""
+and build their strategy objects on CPU (FSDP2 trains on CPU in tests/test_train_fsdp.py)."""
 
 import csv
 import subprocess
@@ -35,17 +35,24 @@ def strategy_of(trainer):
     return instantiate(config.load("train", [f"trainer={trainer}", "data.train_shards=x"]).trainer.strategy)
 
 
-def test_fsdp_config_builds_a_full_shard_strategy_with_activation_checkpointing():
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp import ShardingStrategy
-
-    from dynamictrl.models.transformer import DynamiCtrlBlock
+def test_fsdp_config_builds_an_fsdp2_strategy_sharding_every_block():
+    from dynamictrl.train.strategies import FSDP2Strategy
 
     s = strategy_of("fsdp")
-    assert isinstance(s, FSDPStrategy) and s.sharding_strategy == ShardingStrategy.FULL_SHARD
-    assert s._state_dict_type == "sharded"
-    assert s.kwargs["auto_wrap_policy"]._module_classes == {DynamiCtrlBlock}
-    assert s._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {DynamiCtrlBlock}
+    assert isinstance(s, FSDP2Strategy) and s.wrap == ("DynamiCtrlBlock",) and s._save_distributed_checkpoint
+    assert (s.param_dtype, s.reduce_dtype, s.reshard_after_forward) == ("bfloat16", "float32", True)
+    assert s._tensor_parallel_size == 1  # pure data parallel (the 2-process run: tests/test_train_fsdp.py)
+
+
+def test_deepspeed_zero3_config_offloads_parameters_and_optimizer():
+    from dynamictrl.train.strategies import deepspeed_config
+
+    cfg = config.load("train", ["trainer=deepspeed_zero3_offload", "data.train_shards=x"])
+    ds = deepspeed_config(**{k: v for k, v in cfg.trainer.strategy.items() if k != "_target_"})
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    with pytest.raises(UserError, match="needs ZeRO stage 3"):
+        deepspeed_config(stage=2, offload_params=True)
 
 
 def test_deepspeed_config_is_zero2_with_the_optimizer_on_the_cpu():
@@ -70,11 +77,12 @@ def test_deepspeed_missing_is_a_one_line_error_with_the_install_command(monkeypa
     assert isinstance(e.value.__cause__, UserError)
 
 
-def test_slurm_example_is_multi_node_ddp_with_the_slurm_environment():
+def test_slurm_example_is_multi_node_fsdp_with_the_slurm_environment():
     from lightning.pytorch.plugins.environments import SLURMEnvironment
-    from lightning.pytorch.strategies import DDPStrategy
+
+    from dynamictrl.train.strategies import FSDP2Strategy
 
     cfg = config.load("train", ["trainer=slurm", "data.train_shards=x"])
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 8 and cfg.trainer.precision == "bf16-mixed"
-    assert isinstance(instantiate(cfg.trainer.strategy), DDPStrategy)
+    assert isinstance(instantiate(cfg.trainer.strategy), FSDP2Strategy)
     assert isinstance(instantiate(cfg.trainer.plugins[0]), SLURMEnvironment)

@@ -329,15 +329,17 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
             raise UserError(f"image={image_path}: the mask backend found no person to keep")
         prompt = replace_background(prompt, cfg.background)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, cfg.dtype) if cfg.get("dtype") else (torch.bfloat16 if device == "cuda" else torch.float32)
+    from dynamictrl.utils.device import local_device
+
+    device = local_device("auto")
+    dtype = getattr(torch, cfg.dtype) if cfg.get("dtype") else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     pipe.to(dtype=dtype)
     if cfg.vae_tiling:
         pipe.vae.enable_tiling()
     if cfg.vae_slicing:
         pipe.vae.enable_slicing()
-    if cfg.cpu_offload and device == "cuda":
-        pipe.enable_model_cpu_offload()
+    if cfg.cpu_offload and device.startswith("cuda"):
+        pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     try:

@@ -234,10 +234,10 @@ def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", d
 
 
 def metric_device(metrics: DictConfig) -> str:
-    """`metrics.device`, else the GPU when there is one: every network metric runs batched there."""
-    import torch
+    """`metrics.device`, else this rank's GPU when there is one: every network metric runs batched there."""
+    from dynamictrl.utils.device import local_device
 
-    return metrics.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return local_device(metrics.get("device") or "auto")
 
 
 def load_backbones(metrics: DictConfig) -> dict[str, Any]:

@@ -45,6 +45,12 @@ def _inside(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def check_rank(rank: Any) -> None:
+    """`module.lora.rank` must be a positive integer; a one-line UserError otherwise."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise UserError(f"module.lora.rank={rank!r}: must be a positive integer (null or 0 turns LoRA off)")
+
+
 def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
              target_modules: Sequence[str] = DEFAULT_TARGETS, base_dtype: str | None = None) -> list[str]:  # fmt: skip
     """Freeze `model`, add a LoRA adapter of `rank` to every Linear whose name ends with one of
@@ -58,12 +64,14 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: f
         base_dtype: cast the frozen weights to this dtype (e.g. "bfloat16": half their memory); the
             trainable weights (adapters, pose branch) are kept in float32 for the optimizer.
 
+    Works on the meta device too (training adds the adapters before sharding and loading; the
+    adapters' values are then set by `train.build.init_adapters`).
+
     Returns the names of the modules that got an adapter.
     """
     from peft import LoraConfig
 
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise UserError(f"module.lora.rank={rank!r}: must be a positive integer (null or 0 turns LoRA off)")
+    check_rank(rank)
     full = pose_branch(model)
     suffixes = tuple(target_modules)
     targets = [n for n, m in model.named_modules()

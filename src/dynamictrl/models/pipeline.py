@@ -49,6 +49,12 @@ def read_settings(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def folder_settings(folder: str | Path) -> dict[str, Any]:
+    """A model folder's defaults for animate and training: a released folder's native settings, then its
+    `dynamictrl.json` over them."""
+    return (dict(RELEASED_SETTINGS) if is_released_layout(folder) else {}) | read_settings(folder)
+
+
 def load_released_transformer(folder: str | Path, **kwargs: Any) -> DynamiCtrlTransformer3DModel:
     """A released transformer folder, strictly: every checkpoint key used, every model weight loaded."""
     model, info = DynamiCtrlTransformer3DModel.from_pretrained(folder, output_loading_info=True, **kwargs)
@@ -74,10 +80,10 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
         """A diffusers pipeline folder of ours or a CogVideoX-I2V base, or a released DynamiCtrl folder."""
         folder = Path(pretrained_model_name_or_path)
         if is_released_layout(folder):
-            pipe, settings = cls._from_released(folder, **kwargs), dict(RELEASED_SETTINGS)
+            pipe = cls._from_released(folder, **kwargs)
         else:
-            pipe, settings = super().from_pretrained(pretrained_model_name_or_path, **kwargs), {}
-        pipe.apply_settings(settings | read_settings(folder))
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe.apply_settings(folder_settings(folder))
         return pipe
 
     @classmethod

@@ -175,15 +175,28 @@ def _resolve_device(device: str) -> str:
         if not has_cuda:
             raise UserError(f"pose.device={device}: onnxruntime has no CUDAExecutionProvider "
                             "(install onnxruntime-gpu), or set pose.device=cpu")  # fmt: skip
-        return device
+        return device if device != "cuda" else f"cuda:{_local_gpu()}"
     if device != "auto":
         raise UserError(f"pose.device={device}: expected auto, cpu, cuda or cuda:N")
     if has_cuda:
-        return "cuda"
+        return f"cuda:{_local_gpu()}"  # rtmlib passes N to the CUDA provider as device_id
     if _gpu_visible():
         _loud("a GPU is visible but onnxruntime has no CUDAExecutionProvider (is onnxruntime-gpu "
               "installed?): DWPose runs on the CPU, many times slower")  # fmt: skip
     return "cpu"
+
+
+def _local_gpu() -> int:
+    """This rank's GPU index (LOCAL_RANK / SLURM_LOCALID), wrapped around the GPUs torch sees."""
+    from dynamictrl.utils.device import local_rank
+
+    try:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        count = 0
+    return local_rank() % count if count else local_rank()
 
 
 def _gpu_visible() -> bool:

@@ -14,7 +14,6 @@ same column and decoding takes only the new tokens.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -173,14 +172,10 @@ def _model_type(folder: Path) -> str:
 
 
 def _device(device: str) -> str:
-    import torch
+    from dynamictrl.utils.device import local_device
 
-    if device != "auto":
-        return device
-    if not torch.cuda.is_available():
-        return "cpu"
     # Under torchrun / SLURM each rank captions its own share of the videos on its own GPU.
-    return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
+    return local_device(device)
 
 
 def _dtype(dtype: str, device):

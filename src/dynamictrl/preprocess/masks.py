@@ -106,11 +106,11 @@ def _checked(frames: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from dynamictrl.utils.device import local_device
+
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"{KEY}.device={device}: no CUDA device here (device=auto picks the CPU then)")
-    return torch.device(device)
+    return torch.device(local_device(device))  # auto / cuda: this rank's GPU (cuda:LOCAL_RANK)
 
 
 def _autocast(device: torch.device, precision: str):

@@ -91,6 +91,7 @@ def run() -> tuple[dict, list[str]]:
     pre_glob = f"{root / 'pre'}/*.tar"
     cfg = config.load("train", [f"data.train_shards={raw_glob}", f"model.path={model}", "data.batch_size=2"])
     module = instantiate(cfg.module, model_path=str(model))
+    module.configure_model()
     frames = int(cfg.data.num_frames)
     batches = {}
     for name, glob in (("raw", raw_glob), ("precomputed", pre_glob)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import resource
@@ -13,7 +14,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from dynamictrl.models import latents as Z
 
@@ -69,63 +69,86 @@ class RNGState(L.Callback):
 
 
 class SampleVideo(L.Callback):
-    """Every `every_n_steps` steps, animate the first clip of the batch with the current weights and
-    write DIR/samples/step-NNNNNN.mp4 (reference | pose | generated), also sent to wandb.
+    """Every `every_n_steps` steps each rank animates the first clip of its own batch with the current
+    weights, short and small (`num_frames`, `scale` of the clip's size, `num_inference_steps`), and
+    writes DIR/step-NNNNNN.mp4 (rank 0; sent to wandb) or step-NNNNNN-rankR.mp4 (reference | pose |
+    generated).
 
-    Runs on rank 0 with full weights only (single device, DDP, DeepSpeed ZeRO-1/2): under FSDP the
-    weights are sharded and the callback does nothing. Sampling uses its own generator and a copy of
-    the scheduler, so training draws and results are unchanged.
+    Every rank samples, in lockstep: under FSDP2 and ZeRO-3 the forward passes need every rank's
+    shards, and under DDP no rank idles in the next gradient all-reduce while rank 0 samples alone, so
+    nobody waits past the collective timeout. Sampling uses its own generator and a copy of the
+    scheduler, so training draws and results are unchanged.
     """
 
-    def __init__(self, folder: str, every_n_steps: int = 500, num_inference_steps: int = 25,
-                 guidance_scale: float = 3.0, fps: float = 8.0, seed: int = 0):  # fmt: skip
+    def __init__(self, folder: str, every_n_steps: int = 500, num_inference_steps: int = 10, num_frames: int = 9,
+                 scale: float = 0.5, guidance_scale: float = 3.0, fps: float = 8.0, seed: int = 0):  # fmt: skip
         self.folder, self.every = Path(folder), every_n_steps
-        self.steps, self.guidance_scale, self.fps, self.seed = num_inference_steps, guidance_scale, fps, seed
+        self.steps, self.num_frames, self.scale = num_inference_steps, num_frames, scale
+        self.guidance_scale, self.fps, self.seed = guidance_scale, fps, seed
         self.written: list[Path] = []
 
-    def _full_weights(self, trainer: L.Trainer) -> bool:
-        stage = getattr(trainer.strategy, "zero_stage_3", False)
-        return isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)) and not stage
-
-    @torch.no_grad()
-    def sample(self, module: Any, batch: dict[str, Any], step: int) -> Path:
+    def _inputs(self, module: Any, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The reference (H, W, 3), the first `num_frames` poses (T, H, W, 3) and the mask (H, W), at `scale`."""
         pipe = module.pipe
-        pipe.set_progress_bar_config(disable=True)
         if "video" in batch:
             ref = Z.tensor_to_frames(batch["video"][0, :, :1])[0]
-            pose = Z.tensor_to_frames(batch["pose"][0])
+            pose = Z.tensor_to_frames(batch["pose"][0, :, : self.num_frames])
             mask = batch["mask"][0, 0].cpu().numpy()
-        else:  # precomputed: the pose video back from its latents
+        else:  # precomputed: the pose video back from its first latents only
             ref = Z.tensor_to_frames(batch["ref"][0][:, None])[0]
-            pose = Z.tensor_to_frames(module.codec.decode(batch["pose_latents"][:1])[0])
+            n_lat = module.codec.latent_frames(self.num_frames)
+            pose = Z.tensor_to_frames(module.codec.decode(batch["pose_latents"][:1, :n_lat])[0])
             mask = batch["ref_mask"][0].cpu().numpy()
+        pose = pose[: self.num_frames]
+        grid = pipe.vae_scale_factor_spatial * module.transformer.config.patch_size
+        h, w = (max(grid, int(round(x * self.scale / grid)) * grid) for x in ref.shape[:2])
+        if (h, w) != ref.shape[:2]:
+            import cv2
+
+            ref = cv2.resize(ref, (w, h), interpolation=cv2.INTER_AREA)
+            pose = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in pose])
+            mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        return ref, pose, mask
+
+    @torch.no_grad()
+    def sample(self, module: Any, batch: dict[str, Any], step: int, rank: int = 0,
+               context: Any = None) -> Path:  # fmt: skip
+        pipe = module.pipe
+        pipe.set_progress_bar_config(disable=True)
+        ref, pose, mask = self._inputs(module, batch)
+        text: dict[str, Any] = {"prompt": batch["caption"][0]}
+        if "text_embeds" in batch:  # precomputed shards: no T5 is loaded
+            embeds = batch["text_embeds"][:1]
+            text = {"prompt_embeds": embeds, "negative_prompt_embeds": module._empty_text.to(embeds)[None]}
         scheduler, pipe.scheduler = pipe.scheduler, copy.deepcopy(pipe.scheduler)
         was_training = module.transformer.training
         module.transformer.eval()
-        base_dtype = (getattr(module, "lora", None) or {}).get("base_dtype")  # frozen bf16, trainables float32
         try:
-            with torch.autocast(module.device.type, getattr(torch, base_dtype or "float32"), enabled=bool(base_dtype)):
-                frames = pipe(ref, pose, prompt=batch["caption"][0], num_inference_steps=self.steps,
-                              guidance_scale=self.guidance_scale, ofs=module.hparams.ofs,
-                              reference_mask=mask if module.hparams.mask_reference else None,
+            # the training precision's forward context: bf16-mixed autocasts, as a LoRA's bf16 base needs
+            with context if context is not None else contextlib.nullcontext():
+                frames = pipe(ref, pose, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                              ofs=module.hparams.ofs, reference_mask=mask if module.hparams.mask_reference else None,
                               reference_scaling=module.codec.reference_scaling,
-                              generator=torch.Generator().manual_seed(self.seed + step)).frames[0]  # fmt: skip
+                              generator=torch.Generator().manual_seed(self.seed + step), **text).frames[0]  # fmt: skip
         finally:
             pipe.scheduler = scheduler
             module.transformer.train(was_training)
         from dynamictrl.animate.run import side_by_side
         from dynamictrl.utils.video import write_video
 
-        path = write_video(self.folder / f"step-{step:06d}.mp4", side_by_side(ref, pose, frames), self.fps)
+        name = f"step-{step:06d}.mp4" if rank == 0 else f"step-{step:06d}-rank{rank}.mp4"
+        path = write_video(self.folder / name, side_by_side(ref, pose, frames), self.fps)
         self.written.append(path)
         return path
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
         step = trainer.global_step
-        if not self.every or step % self.every or not trainer.is_global_zero or not self._full_weights(trainer):
+        if not self.every or step % self.every:
             return
-        path = self.sample(module, batch, step)
+        path = self.sample(module, batch, step, trainer.global_rank, trainer.precision_plugin.forward_context())
+        if not trainer.is_global_zero:
+            return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_video("samples", [str(path)], step=step, caption=[batch["caption"][0]], format=["mp4"])

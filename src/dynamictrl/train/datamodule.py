@@ -27,6 +27,7 @@ import json
 import random
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -189,6 +190,23 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     out["caption"] = [b["caption"] for b in batch]
     out["key"] = [b["key"] for b in batch]
     return out
+
+
+def precomputed_dir(train_shards: Any) -> str | None:
+    """The folder of the first shard when the shards are precomputed (a `latents.npy` member), else None."""
+    import tarfile
+
+    urls = list_shards(train_shards)
+    if not urls:
+        return None
+    try:
+        with tarfile.open(urls[0]) as tar:
+            for _, member in zip(range(len(PRECOMPUTED) + 2), tar, strict=False):
+                if member.name.endswith(".latents.npy"):
+                    return str(Path(urls[0]).parent)
+    except (OSError, tarfile.TarError):
+        return None  # the loader reports and skips broken shards
+    return None
 
 
 class ShardDataModule(L.LightningDataModule):

@@ -19,15 +19,85 @@ from __future__ import annotations
 
 import hashlib
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from dynamictrl.errors import UserError
-from dynamictrl.models.lora import add_lora
-from dynamictrl.models.pipeline import DynamiCtrlPipeline
+from dynamictrl.models import latents as Z
+from dynamictrl.models.lora import add_lora, check_rank
+from dynamictrl.models.pipeline import DynamiCtrlPipeline, folder_settings
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
+from dynamictrl.train import build
+
+
+class EMAWeights(nn.Module):
+    """An fp32 moving average of the trainable weights, held as buffers so that every strategy's
+    checkpoint carries it the way it carries the weights: DTensor shards under FSDP2 (each rank averages
+    its own shard), full tensors otherwise. `device="cpu"` keeps the average in host memory (it then
+    ignores the strategy's moves and casts); the decay ramps up as min(decay, (1 + n) / (10 + n)).
+    """
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], decay: float, device: str = "same"):
+        super().__init__()
+        if device not in ("same", "cpu"):
+            raise UserError(f"module.ema_device={device}: use same (beside the weights, sharded like them) or cpu")
+        self.decay, self.offload, self.names = decay, device == "cpu", [n for n, _ in named]
+        for n, p in named:
+            t = p.detach().float().clone()
+            self.register_buffer(n.replace(".", "-"), t.to("cpu") if self.offload else t)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> EMAWeights:
+        if self.offload:  # Lightning / DeepSpeed moving or casting the model leave the CPU average alone
+            return self
+        super()._apply(fn, recurse)
+        for k, b in self._buffers.items():  # stays fp32 whatever dtype the strategy gives the model
+            if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                self._buffers[k] = b.float()
+        return self
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self._buffers[n.replace(".", "-")] for n in self.names]
+
+    @torch.no_grad()
+    def update(self, params: list[torch.Tensor]) -> None:
+        n = int(self.updates) + 1
+        self.updates.fill_(n)
+        decay = min(self.decay, (1 + n) / (10 + n))
+        ema = [_local(t) for t in self.tensors()]
+        torch._foreach_lerp_(ema, [_local(p.detach()).to(e.device, torch.float32) for e, p in zip(ema, params, strict=True)],
+                             1 - decay)  # fmt: skip
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The whole average on the CPU (a collective under FSDP2: every rank calls it)."""
+        out = {}
+        for n, t in zip(self.names, self.tensors(), strict=True):
+            if _is_dtensor(t):
+                t = t.to(t.device_mesh.device_type).full_tensor()
+            out[n] = t.cpu()
+        return out
+
+
+def check_resume_keys(expected: list[str], saved: Any) -> None:
+    """Strict loading is off under LoRA (its checkpoints lack the frozen base): check that what trains is there."""
+    missing = [k for k in expected if k not in saved]
+    if missing:
+        raise UserError(f"resume: the checkpoint lacks {len(missing)} trainable weights (e.g. {missing[0]}); "
+                        f"was it trained with the same module.lora settings?")  # fmt: skip
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
 
 
 class DynamiCtrlModule(L.LightningModule):
@@ -41,17 +111,28 @@ class DynamiCtrlModule(L.LightningModule):
         text_drop: probability of replacing the caption by "" (the pipeline's negative prompt).
         mask_reference: mask the reference to the person (background control).
         ofs: CogVideoX 1.5's ofs value.
+        gradient_checkpointing: recompute each block's activations in the backward pass; "auto" turns
+            it on for models over 1B parameters.
+        encoder_dtype: dtype of the frozen VAE and T5: auto (bfloat16 under bf16 precisions, else float32).
+        precomputed_dir: the folder of precomputed shards when training reads them: T5 is then not loaded;
+            a dropped caption takes `DIR/empty_text.npy` (written by precompute; else encoded once).
+        weights: "pretrained" (the folder's safetensors) or "random" (the architecture only: the GPU check).
         cache_latents: keep each clip's target and pose latents in memory after the first encoding
             (exact: the VAE is frozen and encodes with the posterior mode; only the noised reference is
             encoded every step). For small datasets such as the demo's.
         ema_decay: keep an exponential moving average of the trainable weights (None: off, as in the
-            official recipe); the decay ramps up as min(ema_decay, (1 + n) / (10 + n)) over updates n.
+            official recipe). ema_device: "same" (beside the weights, sharded like them) or "cpu".
         seed: with the global step and the rank, seeds each step's random draws.
         lora: `rank` (null or 0: full fine-tuning), `alpha`, `dropout`, `target_modules`, `base_dtype`:
             train LoRA adapters with the base frozen and the pose branch in full (`models/lora.py`).
-            Checkpoints then hold the trainable weights only; the frozen ones come from `model_path`.
+            Checkpoints then hold the trainable weights (and their EMA) only; the frozen ones come from
+            `model_path`. Not under DeepSpeed (use trainer=gpu, ddp or fsdp).
         reference_scaling: how the reference latent is scaled (`diffusers` | `official` | `scaled`, see
             `models.latents`); None: the loaded checkpoint's convention. The export records it.
+
+    Nothing is loaded in the constructor: `configure_model` (called by the Trainer under the strategy's
+    contexts, or directly outside a Trainer) builds the transformer on the meta device, adds the LoRA
+    adapters there, lets the strategy shard it, and fills it on the training device from the checkpoint.
     """
 
     def __init__(
@@ -67,46 +148,119 @@ class DynamiCtrlModule(L.LightningModule):
         text_drop: float = 0.0,
         mask_reference: bool = False,
         ofs: float = 2.0,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = "auto",
+        encoder_dtype: str = "auto",
+        precomputed_dir: str | None = None,
+        weights: str = "pretrained",
         cache_latents: bool = False,
         ema_decay: float | None = None,
+        ema_device: str = "same",
         seed: int = 0,
         lora: dict[str, Any] | None = None,
         reference_scaling: str | None = None,
     ):
         super().__init__()
+        if weights not in ("pretrained", "random"):
+            raise UserError(f"module.weights={weights}: use pretrained or random")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        choice = {k: v for k, v in (("control", control), ("pose_init", pose_init)) if v}
-        self.transformer = DynamiCtrlTransformer3DModel.from_pretrained(model_path, subfolder="transformer", **choice)
+        if reference_scaling not in (None, *Z.REFERENCE_SCALINGS):
+            raise UserError(f"module.reference_scaling={reference_scaling}: use one of {', '.join(Z.REFERENCE_SCALINGS)} "
+                            "or null (the checkpoint's own)")  # fmt: skip
         self.lora = dict(lora) if lora and lora.get("rank") else None
         if self.lora:
-            add_lora(self.transformer, **self.lora)
+            check_rank(self.lora["rank"])  # the rest is checked against the model in configure_model
             self.strict_loading = False  # checkpoints hold the trainable weights only (on_save_checkpoint)
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        pipe = DynamiCtrlPipeline.from_pretrained(model_path, transformer=self.transformer)
-        pipe.vae.requires_grad_(False).eval()
-        pipe.text_encoder.requires_grad_(False).eval()
-        object.__setattr__(self, "pipe", pipe)  # not a submodule: frozen parts stay out of checkpoints
-        self.codec = pipe.latent_codec(reference_scaling)  # encode/scale/pad as inference does
-        self.transformer.train()
+        self.transformer: DynamiCtrlTransformer3DModel | None = None
+        self.ema: EMAWeights | None = None
+        object.__setattr__(self, "pipe", None)  # not a submodule: frozen parts stay out of checkpoints
+        self.codec: Z.LatentCodec | None = None  # encode/scale/pad as inference does; with the VAE
+        self.loading_report: dict[str, list[str]] = {}
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._empty_text: torch.Tensor | None = None
-        self.ema: dict[str, torch.Tensor] | None = None
-        self._ema_updates = 0
         self.last_tokens = 0  # tokens (video + text) in the last batch, for throughput logging
 
+    # 1. Building: where each part lives.
+    def configure_model(self) -> None:
+        if self.transformer is not None:
+            return
+        hp = self.hparams
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        choice = {k: v for k, v in (("control", hp.control), ("pose_init", hp.pose_init)) if v}
+        config = build.transformer_config(hp.model_path, **choice)
+        folder = Path(hp.model_path) / "transformer"
+        if self.lora:
+            self._check_lora_strategy(strategy, precision)
+        if getattr(strategy, "zero_stage_3", False):  # created partitioned inside Lightning's zero.Init
+            if hp.ema_decay:
+                raise UserError("module.ema_decay: no EMA under DeepSpeed ZeRO-3 (partitioned weights); use trainer=fsdp")
+            model = DynamiCtrlTransformer3DModel.from_config(config)
+            if hp.weights == "pretrained":
+                build.load_weights_zero3(model, folder, self.global_rank)
+        else:
+            from lightning.pytorch.strategies import DeepSpeedStrategy
+
+            # DeepSpeed keeps bf16 weights on the GPU (fp32 master copies in its optimizer): load them so.
+            bf16 = isinstance(strategy, DeepSpeedStrategy) and "bf16" in precision
+            model = build.empty_transformer(config, torch.bfloat16 if bf16 else torch.float32)
+            if self.lora:  # on the meta device, before sharding: the adapters are sharded like the rest
+                add_lora(model, **self.lora)
+            if hasattr(strategy, "shard"):
+                strategy.shard(model)
+            if hp.weights == "pretrained":
+                self.loading_report = build.load_weights(model, folder, device)
+            else:
+                build.random_weights(model, device, seed=hp.seed)
+            if self.lora:  # peft's default init (A random, B zero: step 0 computes the base), from the seed
+                build.init_adapters(model, seed=hp.seed)
+        if self.checkpointing(model):
+            model.enable_gradient_checkpointing()
+        model.train()
+        self.transformer = model
+        self._build_frozen(build.frozen_dtype(hp.encoder_dtype, precision))
+        if hp.ema_decay:
+            self.ema = EMAWeights(self.trainable(), hp.ema_decay, hp.ema_device)
+
+    def _check_lora_strategy(self, strategy: Any, precision: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(strategy, DeepSpeedStrategy):
+            raise UserError("module.lora: LoRA trains under trainer=gpu, ddp or fsdp, not DeepSpeed (its bf16 "
+                            "engine casts the float32 adapters; sharding a few adapters gains nothing)")  # fmt: skip
+        base_dtype = self.lora.get("base_dtype")
+        if base_dtype and self._trainer is not None and "mixed" not in precision:
+            raise UserError(f"module.lora.base_dtype={base_dtype} needs autocast: "
+                            f"trainer.precision=bf16-mixed (got {precision})")  # fmt: skip
+
+    def checkpointing(self, model: torch.nn.Module) -> bool:
+        setting = self.hparams.gradient_checkpointing
+        if setting == "auto":
+            return sum(p.numel() for p in model.parameters()) > 1e9
+        return bool(setting)
+
+    def _build_frozen(self, dtype: torch.dtype) -> None:
+        hp = self.hparams
+        if hp.weights == "random" and not hp.precomputed_dir:
+            raise UserError("module.weights=random has no T5 weights: train on precomputed shards")
+        with torch.device("cpu"):  # on the CPU until on_fit_start moves what the run needs
+            if hp.weights == "random":
+                parts = build.load_frozen_configs(hp.model_path, dtype)
+            else:
+                parts = build.load_frozen(hp.model_path, dtype, text_encoder=not hp.precomputed_dir)
+        pipe = DynamiCtrlPipeline(transformer=self.transformer, **parts)
+        pipe.apply_settings(folder_settings(hp.model_path))  # a released folder's conventions, dynamictrl.json
+        object.__setattr__(self, "pipe", pipe)
+        self.codec = pipe.latent_codec(hp.reference_scaling)
+        if hp.precomputed_dir:
+            text_len = self.transformer.config.max_text_seq_length
+            self._empty_text = build.empty_text_embedding(hp.precomputed_dir, hp.model_path, text_len, dtype)
+
     def on_fit_start(self) -> None:
-        if self.lora and self.lora.get("base_dtype") and "mixed" not in str(self.trainer.precision):
-            raise UserError(f"module.lora.base_dtype={self.lora['base_dtype']} needs autocast: "
-                            f"trainer.precision=bf16-mixed (got {self.trainer.precision})")  # fmt: skip
         self.pipe.vae.to(self.device)
-        self.pipe.text_encoder.to(self.device)
-        if self.hparams.ema_decay and self.ema is None:
-            self.ema = {n: p.detach().clone().float() for n, p in self.trainable()}
-        elif self.ema is not None:
-            self.ema = {n: t.to(self.device) for n, t in self.ema.items()}
+        if self.pipe.text_encoder is not None:  # raw shards only: precomputed ones carry the T5 output
+            self.pipe.text_encoder.to(self.device)
 
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
@@ -127,27 +281,27 @@ class DynamiCtrlModule(L.LightningModule):
         """(B, L, D): precomputed embeddings (the empty prompt's where dropped), else T5 on the captions."""
         if "text_embeds" not in batch:
             return self.encode_text(captions)
-        if self._empty_text is None:
+        if self._empty_text is None:  # a module built for raw shards fed precomputed batches
             self._empty_text = self.encode_text([""])[0]
-        dropped = torch.tensor([c == "" for c in captions], device=self.device)
-        embeds = batch["text_embeds"].to(self._empty_text)
-        return torch.where(dropped[:, None, None], self._empty_text[None], embeds)
+        embeds = batch["text_embeds"]
+        empty = self._empty_text.to(embeds)
+        dropped = torch.tensor([c == "" for c in captions], device=embeds.device)
+        return torch.where(dropped[:, None, None], empty[None], embeds)
 
     @torch.no_grad()
     def encode_clips(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Target and pose latents, (B, F, C, h, w) each: precomputed, cached, or encoded now."""
         if "latents" in batch:
-            dtype = self.pipe.vae.dtype
-            return batch["latents"].to(dtype), batch["pose_latents"].to(dtype)
+            return batch["latents"].float(), batch["pose_latents"].float()
         codec, keys = self.codec, batch.get("key")
         if not self.hparams.cache_latents or keys is None:
-            return codec.encode_video(batch["video"]), codec.encode_video(batch["pose"])
+            return codec.encode_video(batch["video"]).float(), codec.encode_video(batch["pose"]).float()
         todo = [i for i, k in enumerate(keys) if k not in self._latent_cache]
         if todo:
             target = codec.encode_video(batch["video"][todo])
             pose = codec.encode_video(batch["pose"][todo])
             for j, i in enumerate(todo):
-                self._latent_cache[keys[i]] = (target[j].cpu(), pose[j].cpu())
+                self._latent_cache[keys[i]] = (target[j].float().cpu(), pose[j].float().cpu())
         pairs = [self._latent_cache[k] for k in keys]
         device = batch["video"].device
         return torch.stack([t for t, _ in pairs]).to(device), torch.stack([p for _, p in pairs]).to(device)
@@ -172,7 +326,7 @@ class DynamiCtrlModule(L.LightningModule):
         with torch.no_grad():
             target, pose_lat = self.encode_clips(batch)  # (B, F, C, h, w) each
             n_lat = target.shape[1]
-            image_lat = self.codec.encode_reference(ref, n_lat)
+            image_lat = self.codec.encode_reference(ref, n_lat).float()
             keep = (rand(b) >= hp.ref_drop).to(image_lat.dtype)
             image_lat = image_lat * keep[:, None, None, None, None]
             text = self.text_embeddings(batch, captions)
@@ -214,29 +368,27 @@ class DynamiCtrlModule(L.LightningModule):
         if grads:  # before clipping; rank-local under sharded strategies
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True)
 
-    # EMA: updated after each optimizer step, saved in the checkpoint, exported by the train app.
+    # EMA: updated after each optimizer step; its buffers ride in the checkpoint with the weights.
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            n = self._ema_updates = self._ema_updates + 1
-            decay = min(self.hparams.ema_decay, (1 + n) / (10 + n))
-            names, params = zip(*self.trainable(), strict=True)
-            torch._foreach_lerp_([self.ema[k] for k in names], [p.detach().float() for p in params], 1 - decay)
+            self.ema.update([p for _, p in self.trainable()])
+
+    # LoRA: checkpoints hold what trains (and its EMA); the frozen base is model_path's, and saving it
+    # at every checkpoint would cost GBs at 5B. Under FSDP2 the strategy loads such a checkpoint partially.
+    def checkpoint_keys(self) -> list[str]:
+        """The state-dict keys a LoRA checkpoint holds: the trainable weights and the EMA buffers."""
+        keys = [f"transformer.{n}" for n, _ in self.trainable()]
+        return keys + ([f"ema.{k}" for k in self.ema.state_dict()] if self.ema is not None else [])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.lora:  # the frozen base is model_path's: saving it at every checkpoint would cost GBs at 5B
-            keep = {f"transformer.{n}" for n, _ in self.trainable()}
+        if self.lora:
+            keep = set(self.checkpoint_keys())
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        if self.ema is not None:
-            checkpoint["ema"] = {"updates": self._ema_updates, "state": {k: v.cpu() for k, v in self.ema.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = [n for n, _ in self.trainable() if f"transformer.{n}" not in checkpoint["state_dict"]]
-        if self.lora and missing:  # strict loading is off under LoRA: check the trainable part ourselves
-            raise UserError(f"resume: the checkpoint lacks {len(missing)} trainable weights (e.g. {missing[0]}); "
-                            f"was it trained with the same module.lora settings?")  # fmt: skip
-        if "ema" in checkpoint and self.hparams.ema_decay:
-            self._ema_updates, self.ema = checkpoint["ema"]["updates"], dict(checkpoint["ema"]["state"])
+        if self.lora and "state_dict" in checkpoint:  # (FSDP2: the strategy checked the shards' keys)
+            check_resume_keys(self.checkpoint_keys(), checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.transformer.parameters() if p.requires_grad]

@@ -10,6 +10,9 @@ Each input shard becomes a shard of the same name in OUTPUT, one sample per clip
     ref_mask.npy      (H, W) bool person mask of frame 0 (for mask_reference)
     txt, json         the caption; the source json plus `precompute` (model, num_frames, dtype)
 
+and OUTPUT/empty_text.npy holds T5("") (L, D): the embedding of a dropped caption, so that training on
+these shards never loads T5. `device=auto` is this rank's GPU (cuda:LOCAL_RANK) when there is one.
+
 The reference is kept in pixels: training noises it in pixel space every step (sigma =
 exp(N(-3, 0.5))) and encodes that one frame, so the loss is the raw path's (see docs/NOTES.md).
 All arrays are .npy loaded with allow_pickle=False. Shards are written under a temporary name and
@@ -36,6 +39,8 @@ from tqdm.auto import tqdm
 from dynamictrl.data.shards import decode_sample, list_shards
 from dynamictrl.errors import UserError
 from dynamictrl.models import latents as Z
+from dynamictrl.train.build import EMPTY_TEXT, save_npy
+from dynamictrl.utils.device import local_device
 
 
 def _npy(x: np.ndarray) -> bytes:
@@ -103,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = rank_and_world(cfg)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = local_device(cfg.device)
     dtype = np.dtype(cfg.dtype)
     if dtype not in (np.float32, np.float16):
         raise UserError(f"dtype={cfg.dtype}: use float32 (exact) or float16 (half the disk)")
@@ -112,6 +117,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         codec.check_frames(int(cfg.num_frames))
     except ValueError as err:
         raise UserError(str(err)) from None
+    if not (out / EMPTY_TEXT).is_file():  # a dropped caption's embedding: training then needs no T5
+        with torch.no_grad():
+            empty, _ = pipe.encode_prompt([""], do_classifier_free_guidance=False, device=device,
+                                          max_sequence_length=text_len)  # fmt: skip
+        save_npy(out / EMPTY_TEXT, empty[0].float().cpu().numpy().astype(dtype))
     mine = urls[rank::world]
     done = rejected = written = 0
     start = time.perf_counter()

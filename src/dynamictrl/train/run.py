@@ -17,7 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from dynamictrl.data.shards import clip_settings, list_shards
 from dynamictrl.errors import UserError
 from dynamictrl.models import embedded
+from dynamictrl.train import build
 from dynamictrl.train.callbacks import RNGState, SampleVideo, Throughput
+from dynamictrl.train.datamodule import precomputed_dir
+from dynamictrl.train.plan import check_fits
 
 
 def model_path(cfg: DictConfig) -> str:
@@ -70,19 +73,23 @@ def merge_metrics(csv_path: Path, previous: Path) -> None:
 
 
 def full_transformer_state(trainer: L.Trainer, module: Any) -> dict[str, torch.Tensor] | None:
-    """The transformer's full state dict (gathered from FSDP shards; on rank 0, None elsewhere)."""
-    from lightning.pytorch.strategies import FSDPStrategy
+    """The transformer's full state dict on rank 0 (None elsewhere): gathered from FSDP2 shards or
+    DeepSpeed ZeRO-3 partitions (a collective: every rank calls it)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    if not isinstance(trainer.strategy, FSDPStrategy):
-        return module.transformer.state_dict()
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    with FSDP.state_dict_type(trainer.strategy.model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):  # fmt: skip
-        state = trainer.strategy.model.state_dict()
-    prefix = "transformer."
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)} if trainer.is_global_zero else None
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(module.transformer, options=opts)
+        return state if trainer.is_global_zero else None
+    if getattr(trainer.strategy, "zero_stage_3", False):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.transformer.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in module.transformer.state_dict().items()}
+        return state if trainer.is_global_zero else None
+    return module.transformer.state_dict()
 
 
 def export(trainer: L.Trainer, module: Any, folder: Path, state: dict[str, torch.Tensor]) -> None:
@@ -116,13 +123,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     ensure_demo_data(cfg)
+    check_fits(cfg)
     base = model_path(cfg)
-    module = instantiate(cfg.module, model_path=base)
     datamodule = instantiate(cfg.data)
-    try:  # the clip length must suit the model version's frame policy (models/latents.py)
-        module.codec.check_frames(int(datamodule.num_frames), "data.num_frames")
+    try:  # the clip length must suit the model version's frame policy (models/latents.py), before any loading
+        build.frame_policy(base).check_frames(int(datamodule.num_frames), "data.num_frames")
     except ValueError as err:
         raise UserError(str(err)) from None
+    module = instantiate(cfg.module, model_path=base, precomputed_dir=precomputed_dir(cfg.data.train_shards))
     last = out / "checkpoints" / "last.ckpt"
     resume = resume_path(cfg, last)
     metrics, previous = out / "metrics.csv", out / "metrics-before-resume.csv"
@@ -130,7 +138,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         os.replace(metrics, previous)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
-                           save_last=True, save_top_k=cfg.keep_checkpoints, every_n_train_steps=cfg.checkpoint_every,
+                           save_last=bool(cfg.get("final_save", True)), save_top_k=cfg.keep_checkpoints, every_n_train_steps=cfg.checkpoint_every,
                            save_on_train_epoch_end=False)  # fmt: skip
     callbacks = [ckpt, Throughput(), RNGState()]
     if cfg.samples.every_n_steps:
@@ -139,15 +147,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    trainer.save_checkpoint(last)
     kind = "lora" if getattr(module, "lora", None) else "transformer"  # what the export holds
     folder = out / kind
+    if not cfg.get("final_save", True):  # the GPU check: a 5B checkpoint would not fit its disk
+        if trainer.is_global_zero:
+            merge_metrics(metrics, previous)
+        return {"output": str(out), "metrics_csv": str(metrics), "steps": trainer.global_step}
+    trainer.save_checkpoint(last)
     state = full_transformer_state(trainer, module)
+    ema = module.ema.full_state() if module.ema is not None else None
     if trainer.is_global_zero:
         merge_metrics(metrics, previous)
-        if module.ema is not None:  # the EMA weights are the export; the trained ones sit beside them
+        if ema is not None:  # the EMA weights are the export; the trained ones sit beside them
             export(trainer, module, out / f"{kind}_raw", state)
-            state = {k: module.ema.get(k, v) for k, v in state.items()}
+            state = {k: ema.get(k, v) for k, v in state.items()}
         export(trainer, module, folder, state)
         info = {"base": str(Path(base).resolve()), kind: kind, "ema": module.ema is not None}
         (out / "model.json").write_text(json.dumps(info, indent=1))

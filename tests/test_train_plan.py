@@ -1,0 +1,117 @@
+"""The memory plan: its table for every trainer config, its measured activations (the linear
+extrapolation over blocks against a direct run), and the refusal of a model a config cannot hold."""
+
+import pytest
+
+from dynamictrl import config
+from dynamictrl.errors import UserError
+from dynamictrl.train import plan
+
+FIVE_B = ["model=cogvideox1.5-5b-i2v", "data.train_shards=x"]
+
+
+def test_plan_prints_every_trainer_config_and_what_fits(capsys):
+    plans = plan.main(["model=cogvideox1.5-5b-i2v", "trainer=all", "measure=false", "gpus=8"])
+    out = capsys.readouterr().out
+    names = sorted(p.stem for p in (config.conf_dir() / "trainer").glob("*.yaml"))
+    assert [p.trainer for p in plans] == names
+    assert all(f"trainer={n}:" in out for n in names) and "5.77 B parameters" in out
+    by = {p.trainer: p for p in plans}
+    # fp32 weights + grads + AdamW (16 bytes) + autocast copies (2) of 5.77 B parameters on one GPU
+    assert by["gpu"].total() / 1e9 == pytest.approx(18 * 5.77 + 0.43, rel=0.01)
+    assert not by["gpu"].fits(80) and not by["ddp"].fits(80)
+    assert by["fsdp"].fits(80) and by["deepspeed_zero2_offload"].fits(80) and by["deepspeed_zero3_offload"].fits(24)
+    assert by["fsdp"].rows["AdamW state (fp32 shard)"] == pytest.approx(8 * 5.77e9 / 8, rel=0.01)
+
+
+def test_measured_activations_extrapolate_over_blocks_as_a_direct_run_measures():
+    cfg = config.load("train", [*FIVE_B, "model.transformer.num_layers=5", "model.transformer.num_attention_heads=4"])
+    clip = (9, 128, 128)
+    peaks = {}
+    for checkpointing in (True, False):
+        direct = plan.measure_activations(cfg, *clip, 1, checkpointing)
+        scaled = plan.scaled(cfg, clip, 1, checkpointing)  # from 2- and 3-block runs
+        assert scaled["transformer"] == pytest.approx(direct["transformer"], rel=0.01)
+        assert scaled["vae"] == direct["vae"] > 0
+        peaks[checkpointing] = direct["transformer"]
+    assert peaks[True] < peaks[False]
+
+
+def test_a_config_that_cannot_hold_5b_refuses_it_with_one_line_naming_a_config_that_fits():
+    for trainer in ("gpu", "ddp"):
+        cfg = config.load("train", [*FIVE_B, f"trainer={trainer}", "gpu_gb=80"])
+        with pytest.raises(UserError, match=r"cannot hold cogvideox1.5-5b-i2v: 10\d\.\d GB .* use trainer=fsdp") as e:
+            plan.check_fits(cfg)
+        assert "\n" not in str(e.value)
+    one_gpu = config.load("train", [*FIVE_B, "trainer=fsdp", "trainer.devices=1", "gpu_gb=80"])
+    with pytest.raises(UserError, match="use trainer=deepspeed_zero2_offload"):
+        plan.check_fits(one_gpu)  # FSDP over one GPU shards nothing
+    plan.check_fits(config.load("train", [*FIVE_B, "trainer=fsdp", "trainer.devices=8", "gpu_gb=80"]))
+    plan.check_fits(config.load("train", [*FIVE_B, "trainer=gpu", "gpu_gb=141"]))  # an H200 holds it
+    plan.check_fits(config.load("train", ["data.train_shards=x", "trainer=gpu", "gpu_gb=24"]))  # the tiny model
+
+
+def test_the_train_app_refuses_before_loading_anything(tmp_path):
+    from dynamictrl.train.run import run
+
+    cfg = config.load("train", [*FIVE_B, "trainer=ddp", "gpu_gb=80", f"output={tmp_path}"])
+    with pytest.raises(UserError, match="use trainer=fsdp"):
+        run(cfg)  # model.path is unset (???): the refusal comes first
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_whole_path_on_cpu_with_the_tiny_model(tmp_path):
+    """scripts/gpu_check.sh --tiny: skeleton folder (configs only), random weights, synthetic
+    precomputed shards, trainer=fsdp through the train app, and the results file beside the plan."""
+    import json
+
+    from dynamictrl.train import gpu_check
+
+    out = tmp_path / "gpu-check.md"
+    result = gpu_check.main(["--tiny", "--steps", "3", "--out", str(out), "--work", str(tmp_path / "work")])
+    assert result["steps"] == 3 and result["step_s_median"] > 0 and result["step_tflop"] > 0
+    assert result["plan_gb"] > 0 and result["peak_allocated_gb"] > 0
+    assert not (tmp_path / "work" / "train" / "checkpoints" / "last.ckpt").exists()  # final_save=false
+    text = out.read_text()
+    assert "| peak memory GB |" in text and "MEASURED" in text
+    assert json.loads(out.with_suffix(".json").read_text())["clip"] == [9, 96, 64]
+
+
+def test_lora_plan_trains_the_adapters_and_padaln_in_full_and_keeps_the_base_frozen(capsys):
+    """module.lora.rank: fewer trainable parameters than full fine-tuning, PadaLN's among them in full, the
+    frozen base in base_dtype; the gradient and optimizer rows follow the trainable set."""
+    full = plan.count(config.load("train", FIVE_B))
+    cfg = config.load("train", [*FIVE_B, "module.lora.rank=32", "module.lora.base_dtype=bfloat16"])
+    lora = plan.count(cfg)
+    model = plan.meta_transformer(cfg)
+    trained = dict(plan.trainable_parameters(model, cfg))
+    padaln = {n: p for n, p in model.named_parameters() if ".control_norm1." in n}
+    adapters = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    assert len(padaln) == 4 * 42 and set(padaln) <= set(trained)  # every PadaLN weight and bias, trained
+    assert set(trained) == set(padaln) | set(adapters)
+    n_padaln, n_adapters = (sum(p.numel() for p in d.values()) for d in (padaln, adapters))
+    assert lora.trainable == n_padaln + n_adapters and n_padaln == pytest.approx(198.8e6, rel=1e-3)
+    assert lora.trainable < 0.05 * full.trainable and full.trainable == full.total
+    assert lora.total == full.total + n_adapters
+    assert lora.frozen_bytes == 2 * (full.total - n_padaln) and lora.frozen_dtype == "bfloat16"
+
+    p = plan.make_plan(cfg, "gpu", 1, (1, 1, 1), 1, precomputed=True, measure=False, counts=lora)
+    assert p.rows["AdamW state (fp32 m, v)"] == 8 * lora.trainable and p.rows["gradients (fp32)"] == 4 * lora.trainable
+    assert p.rows["weights, frozen (bfloat16)"] == lora.frozen_bytes and "weights (fp32)" not in p.rows
+    assert p.total() < 0.25 * plan.make_plan(config.load("train", FIVE_B), "gpu", 1, (1, 1, 1), 1, True, False, full).total()
+    with pytest.raises(UserError, match="LoRA trains under trainer=gpu, ddp or fsdp, not DeepSpeed"):
+        plan.state_rows("zero2", lora, 8, cfg)
+
+    plans = plan.main(["experiment=lora-24gb", "trainer=all", "measure=false", "gpus=8"])
+    out = capsys.readouterr().out
+    assert "LoRA rank 32" in out and "deepspeed_zero2_offload, deepspeed_zero3_offload left out" in out
+    assert {p.kind for p in plans} == {"cpu", "single", "ddp", "fsdp"}
+
+
+def test_lora_activations_are_measured_on_the_adapted_model():
+    """The activation run uses the LoRA model: frozen linears keep no inputs for weight gradients."""
+    small = [*FIVE_B, "model.transformer.num_layers=2", "model.transformer.num_attention_heads=4"]
+    clip = (9, 128, 128)
+    full = plan.measure_activations(config.load("train", small), *clip, 1, False)
+    lora = plan.measure_activations(config.load("train", [*small, "module.lora.rank=8"]), *clip, 1, False)
+    assert 0 < lora["transformer"] < full["transformer"] and lora["vae"] == full["vae"]
