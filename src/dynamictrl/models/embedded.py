@@ -6,7 +6,7 @@ the same code that loads real weights. Its parts:
 - a CogVideoX VAE (3 levels: 4x space, 4x time, 16 latent channels) fitted to synthetic clips and
   their pose renders, because a random VAE decodes everything to noise. The fit takes about 20 CPU
   minutes, so it is done once (`python -m dynamictrl.models.embedded fit-vae`) and shipped in the
-  package (`models/assets/tiny-vae.safetensors`, 0.3 MB, with its figures in the .json beside it);
+  package (`models/assets/tiny-vae.safetensors`, 2.2 MB, with its figures in the .json beside it);
 - a random T5 encoder with a word-level T5 tokenizer built offline (different captions give
   different embeddings; nothing about language is learnt);
 - a random DynamiCtrl transformer in the CogVideoX 1.5 layout (temporal patches, ofs, RoPE), 4 layers
