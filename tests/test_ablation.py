@@ -23,7 +23,7 @@ def test_ablation_trains_each_variant_per_seed_and_reports_the_spread(tiny_model
     summary = result["summary"]
     assert set(summary) == {"padaln", "uvt", "cross_attn", "padaln_no_text"}
     for name, row in summary.items():
-        assert row["seeds"] == 2 and len(row["pose_pck"]["values"]) == 2
+        assert row["seeds"] == 2 and row["steps"] == 2 and len(row["pose_pck"]["values"]) == 2
         assert row["step_s"]["mean"] > 0 and 0 <= row["ssim"]["min"] <= row["ssim"]["max"] <= 1
         run_cfg = (out / "runs" / f"{name}-seed1" / "train" / "config.yaml").read_text()
         assert f"control: {cfg.variants[name].control}" in run_cfg and "seed: 1" in run_cfg

@@ -68,7 +68,8 @@ def test_pck_is_one_for_own_poses_and_drops_with_perturbation():
     assert 1.0 > pck(small, k)["pck"] > pck(large, k)["pck"]
     missed = k.copy()
     missed[:, :9, 2] = 0  # the backend lost half the body
-    assert pck(missed, k)["pck"] == pytest.approx(9 / 18, abs=0.01)
+    visible = k[:, :18, 2] > 0.3  # the figure may step partly out of the frame
+    assert pck(missed, k)["pck"] == pytest.approx(visible[:, 9:].sum() / visible.sum())
 
 
 def test_clean_protocol_against_independent_computation():

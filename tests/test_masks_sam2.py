@@ -136,12 +136,14 @@ def test_sam2_reseeds_where_the_track_is_lost(sam2_files, clip):
     capped.masks(frames, boxes)
     assert sorted(capped.prompts) == [1, 2]
 
-    # with the shipped loss test: every frame that kept its track passes it (else it was re-seeded)
+    # with the shipped loss test: every frame that kept its track passes it (else it was re-seeded);
+    # holes are filled after tracking, which can change the figures the test judged, so none here
     default = build("sam2", checkpoint=ckpt, config=cfg)
+    default.hole_area = 0
     out = default.masks(frames, boxes)
     assert min(default.prompts) == 1 and set(default.prompts) <= {1, 2, 4, 5}
     for f in {2, 4, 5} - set(default.prompts):
-        assert not lost(out[f], boxes[f], default.min_area, default.min_inside)
+        assert not lost(out[f], boxes[f], default.min_area, default.min_inside), (f, sorted(default.prompts), default.reseeds)
 
 
 def test_sam2_builds_inside_a_running_hydra_app(sam2_files, clip):

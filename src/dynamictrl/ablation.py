@@ -84,7 +84,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
             v = np.array([r[k] for r in results], dtype=float)
             row[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                       "min": float(v.min()), "max": float(v.max()), "values": v.tolist()}  # fmt: skip
-        row |= {k: results[0][k] for k in ("params", "overhead", "overhead_5b")}
+        row |= {k: results[0][k] for k in ("steps", "params", "overhead", "overhead_5b")}
         out[name] = row
     return out
 
@@ -107,7 +107,7 @@ def write_report(summary: dict, cfg: DictConfig, out: Path, seconds: float) -> N
         "",
         f"The embedded tiny model trained from one checkpoint on the demo's synthetic clips "
         f"({cfg.data.num_train} training videos), {summary[names[0]]['seeds']} seeds per variant "
-        f"({', '.join(map(str, cfg.seeds))}), the same steps and recipe for all; each trained model animated "
+        f"({', '.join(map(str, cfg.seeds))}), the same {summary[names[0]]['steps']} steps and recipe for all; each trained model animated "
         f"{cfg.eval_clips} held-out clips ({cfg.animate.steps} steps, CFG {cfg.animate.guidance_scale}; the no-text "
         f"variant with an empty prompt). Figures are mean ± standard deviation over seeds (protocol `disco`; "
         f"pose PCK: MediaPipe on generated vs ground-truth frames). Step time: median training step of each run, "

@@ -123,8 +123,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     ensure_demo_data(cfg)
+    base = model_path(cfg)  # a wrong model.path is the first thing to report
     check_fits(cfg)
-    base = model_path(cfg)
     datamodule = instantiate(cfg.data)
     try:  # the clip length must suit the model version's frame policy (models/latents.py), before any loading
         build.frame_policy(base).check_frames(int(datamodule.num_frames), "data.num_frames")
