@@ -128,6 +128,9 @@ def write_report(summary: dict, cfg: DictConfig, out: Path, seconds: float) -> N
         lines.append(f"| {n} | {p['table']} | {p['ssim']:.3f} | {p['psnr_star']:.2f} | {p['lpips']:.3f} | {p['fvd']:.2f} |")
     lines += ["", "## Orderings", ""]
     for metric, label, higher in (("psnr_star", "PSNR*", True), ("ssim", "SSIM", True), ("pose_pck", "pose PCK", True)):
+        if len({summary[n][metric]["mean"] for n in names}) == 1:
+            lines.append(f"- {label}: all variants equal ({summary[names[0]][metric]['mean']:.3f}); no ordering.")
+            continue
         order = sorted(names, key=lambda n: summary[n][metric]["mean"], reverse=higher)
         paper = sorted(names, key=lambda n: PAPER[n].get(metric, float("nan")), reverse=higher) if metric in PAPER["uvt"] else None
         gaps = [f"{a} vs {b}: {'apart' if separated(summary, a, b, metric) else 'within the seed spread'}"
