@@ -49,3 +49,19 @@ def precomputed(tiny_model, shards, tmp_path_factory) -> Path:
                                                    f"model.path={tiny_model}", "progress=false"]))  # fmt: skip
     assert result["clips"] > 0 and result["rejected"] == 0
     return out
+
+
+@pytest.fixture
+def clip_lengths(monkeypatch) -> list[int]:
+    """The pose-clip length of every pipeline call animate makes (the pipeline still runs)."""
+    from dynamictrl.models.pipeline import DynamiCtrlPipeline
+
+    lengths: list[int] = []
+    real_call = DynamiCtrlPipeline.__call__
+
+    def spy(self, image, pose_video, **kw):
+        lengths.append(len(pose_video))
+        return real_call(self, image, pose_video, **kw)
+
+    monkeypatch.setattr(DynamiCtrlPipeline, "__call__", spy)
+    return lengths

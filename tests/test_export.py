@@ -9,7 +9,6 @@ from skimage.data import astronaut
 
 from dynamictrl import config
 from dynamictrl.errors import UserError
-from dynamictrl.models.pipeline import DynamiCtrlPipeline
 from dynamictrl.utils.video import write_video
 
 
@@ -25,7 +24,7 @@ def shards41(tmp_path_factory):
     return out
 
 
-def test_a_model_trained_at_41_frames_animates_in_41_frame_clips(tiny_model, shards41, tmp_path, monkeypatch):
+def test_a_model_trained_at_41_frames_animates_in_41_frame_clips(tiny_model, shards41, tmp_path, clip_lengths):
     from dynamictrl.animate.run import run as animate_run
     from dynamictrl.train.run import run as train_run
     from test_animate_app import animate_cfg
@@ -40,14 +39,7 @@ def test_a_model_trained_at_41_frames_animates_in_41_frame_clips(tiny_model, sha
 
     Image.fromarray(astronaut()).save(tmp_path / "ref.png")
     write_video(tmp_path / "pose.mp4", np.random.default_rng(0).integers(0, 255, (12, 96, 64, 3), dtype=np.uint8), 8)
-    lengths = []
-    real_call = DynamiCtrlPipeline.__call__
-
-    def spy(self, image, pose_video, **kw):
-        lengths.append(len(pose_video))
-        return real_call(self, image, pose_video, **kw)
-
-    monkeypatch.setattr(DynamiCtrlPipeline, "__call__", spy)
+    lengths = clip_lengths
     result = animate_run(animate_cfg(image=tmp_path / "ref.png", pose=tmp_path / "pose.mp4", prompt="'an astronaut'",
                                      model=out, steps=1, output=tmp_path / "o.mp4"))  # fmt: skip
     assert lengths == [41] and result["frames"] == 12  # one 41-frame clip (the base's own default is 9)

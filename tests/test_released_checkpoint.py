@@ -168,21 +168,14 @@ def test_38_frames_is_a_one_line_error_naming_the_valid_counts(released):
     assert "\n" not in str(err.value)
 
 
-def test_animate_runs_a_released_model_in_37_frame_clips(released, tmp_path, monkeypatch):
+def test_animate_runs_a_released_model_in_37_frame_clips(released, tmp_path, clip_lengths):
     from dynamictrl.animate.run import run
     from test_animate_app import animate_cfg
 
     Image.fromarray(astronaut()).save(tmp_path / "ref.png")
     _, pose = inputs(37, 96, 96, seed=1)
     write_video(tmp_path / "pose.mp4", pose, 16)
-    lengths = []
-    real_call = DynamiCtrlPipeline.__call__
-
-    def spy(self, image, pose_video, **kw):
-        lengths.append(len(pose_video))
-        return real_call(self, image, pose_video, **kw)
-
-    monkeypatch.setattr(DynamiCtrlPipeline, "__call__", spy)
+    lengths = clip_lengths
     common = dict(image=tmp_path / "ref.png", pose=tmp_path / "pose.mp4", prompt="'an astronaut'", model=released,
                   steps=1, buckets="[[96,96]]")  # fmt: skip
     result = run(animate_cfg(**common, output=tmp_path / "o.mp4", num_frames=37, prepend_reference_pose=False))

@@ -59,13 +59,13 @@ def generate_all(model: str | Path | None, samples: list[dict], folder: Path, cf
         write_video(folder / f"{s['key']}.mp4", frames, s["meta"]["fps"])
 
 
-LABELS = ("untrained", "static_reference", "trained", "vae_ceiling")
-ROWS = {
+ROWS = {  # the report's rows, in order
     "untrained": "the embedded model before training",
     "static_reference": "the reference frame repeated: what ignoring the pose gives",
     "trained": "the embedded model after training",
     "vae_ceiling": "the ground truth through the VAE and back: the most any model can reach here",
 }
+LABELS = tuple(ROWS)
 
 
 def finite(value: Any) -> Any:
