@@ -1,6 +1,8 @@
 # dynamictrl: make help lists the targets.
 PY := .venv/bin/python
 ARGS ?=
+# make setup GPU=1: onnxruntime-gpu in place of the CPU build (DWPose on the GPU)
+GPU ?= 0
 export PYTHONWARNINGS ?= ignore
 export GLOG_minloglevel ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 3
@@ -23,7 +25,13 @@ help: ## list the targets
 		"deepspeed==0.19.8" hjson msgpack ninja py-cpuinfo einops
 	touch .venv.stamp
 
-setup: .venv.stamp ## create .venv with the pinned stack (no-op when up to date)
+# rtmlib pulls the CPU onnxruntime; both builds provide the same module, so the CPU one goes first.
+.venv-gpu.stamp: .venv.stamp
+	.venv/bin/pip uninstall -q -y onnxruntime
+	.venv/bin/pip install -q -c constraints.txt --force-reinstall --no-deps onnxruntime-gpu
+	touch .venv-gpu.stamp
+
+setup: .venv.stamp $(if $(filter 1,$(GPU)),.venv-gpu.stamp) ## create .venv with the pinned stack (no-op when up to date)
 
 demo: setup ## the whole chain on embedded defaults: data, shards, training, animation, report
 	$(PY) pipelines/demo/main.py $(ARGS)

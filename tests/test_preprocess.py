@@ -9,7 +9,8 @@ import pytest
 from dynamictrl import config
 from dynamictrl.data.synthetic import make_video
 from dynamictrl.errors import UserError
-from dynamictrl.preprocess.run import crop_box, discover, partition, run
+from dynamictrl.preprocess.run import discover, partition, run
+from dynamictrl.preprocess.stages import choose_bucket, crop_box
 from dynamictrl.utils.video import write_video
 
 
@@ -95,8 +96,17 @@ def test_missing_sidecar_frames_are_rejected(raw_data, tmp_path):
 
 
 def test_bucket_follows_the_person_box():
-    from dynamictrl.preprocess.run import choose_bucket
 
     buckets = [[96, 64], [64, 96]]
     assert choose_bucket(buckets, (0.3, 0.05, 0.7, 0.95), 1024, 576, 0.1) == (96, 64)  # standing, portrait video
     assert choose_bucket(buckets, (0.1, 0.4, 0.9, 0.7), 576, 1024, 0.1) == (64, 96)  # lying down, landscape video
+
+
+def test_streamed_resampling_picks_the_same_frames_as_resampling_a_loaded_video():
+    from dynamictrl.preprocess.stages import resample, resampled
+
+    for n in (1, 9, 20, 59):
+        for src in (8, 24, 25, 29.97, 30, 60):
+            for fps in (None, 8, 12, 16, 30, 50):
+                streamed = [j for j, _ in resampled(iter(range(n)), src, fps)]
+                assert streamed == resample(n, src, fps).tolist(), (n, src, fps)

@@ -148,6 +148,8 @@ def run(output: str | Path = "outputs/bench", sections: tuple[str, ...] = SECTIO
 
         results["preprocess"], more = preprocess_bench.run()
         lines += more
+        results["preprocess_engines"], more = preprocess_bench.engines()
+        lines += more
     if "train" in sections:
         from dynamictrl.train import bench as train_bench
 

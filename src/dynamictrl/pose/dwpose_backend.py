@@ -178,9 +178,10 @@ def _resolve_device(device: str) -> str:
         return device if device != "cuda" else f"cuda:{_local_gpu()}"
     if device != "auto":
         raise UserError(f"pose.device={device}: expected auto, cpu, cuda or cuda:N")
-    if has_cuda:
+    visible = _gpu_visible()
+    if has_cuda and visible:  # the GPU build lists its CUDA provider on machines without a GPU too
         return f"cuda:{_local_gpu()}"  # rtmlib passes N to the CUDA provider as device_id
-    if _gpu_visible():
+    if visible:
         _loud("a GPU is visible but onnxruntime has no CUDAExecutionProvider (is onnxruntime-gpu "
               "installed?): DWPose runs on the CPU, many times slower")  # fmt: skip
     return "cpu"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,9 +17,64 @@ VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
+class VideoStream:
+    """The frames of a video file (or mp4 bytes), decoded one at a time: memory holds one frame, not
+    the video. `fps`, `height`, `width` and `declared` (the container's frame count, 0 if unknown) are
+    known on opening.
+
+    A truncated file yields the frames decoded before the damage, unless `strict`: then a decoding
+    error after the first frame, or fewer frames than the container declares, raises UserError at the
+    point it is found (after the frames before it were yielded).
+
+    Raises:
+        UserError: the file is missing, is not a video, has no decodable frames, or (strict) is truncated.
+    """
+
+    def __init__(self, source: str | Path | bytes, strict: bool = False):
+        self.name = "<bytes>" if isinstance(source, bytes) else str(source)
+        if not isinstance(source, bytes) and not Path(source).is_file():
+            raise UserError(f"{self.name}: no such file")
+        self.strict = strict
+        try:
+            self._container = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
+        except av.error.FFmpegError as err:
+            raise UserError(f"{self.name}: unreadable video ({type(err).__name__}: {err.strerror or err})") from None
+        if not self._container.streams.video:
+            self._container.close()
+            raise UserError(f"{self.name}: not a video (no video stream)")
+        stream = self._container.streams.video[0]
+        self.fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        self.declared = int(stream.frames or 0)
+        self.height, self.width = int(stream.height), int(stream.width)
+        self.decoded = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """(H, W, 3) uint8 RGB frames in order."""
+        stream = self._container.streams.video[0]
+        try:
+            for frame in self._container.decode(stream):
+                self.decoded += 1
+                yield frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as err:
+            if not self.decoded:
+                raise UserError(f"{self.name}: unreadable video ({type(err).__name__}: {err.strerror or err})") from None
+            if self.strict:
+                raise UserError(f"{self.name}: truncated video (decoding failed after {self.decoded} frames)") from None
+            # A truncated file: keep what decoded before the damage.
+        finally:
+            self._container.close()
+        if not self.decoded:
+            raise UserError(f"{self.name}: video has no frames")
+        if self.strict and self.declared - self.decoded > max(2, 0.02 * self.declared):
+            raise UserError(f"{self.name}: truncated video ({self.decoded} of {self.declared} frames decode)")
+
+    def close(self) -> None:
+        self._container.close()
+
+
 def read_video(source: str | Path | bytes, max_frames: int | None = None,
                strict: bool = False) -> tuple[np.ndarray, float]:  # fmt: skip
-    """Decode every frame of a video file (or mp4 bytes).
+    """Decode every frame of a video file (or mp4 bytes) into memory (`VideoStream` for long ones).
 
     A truncated file keeps the frames decoded before the damage, unless `strict`: then a decoding
     error after the first frame, or fewer frames than the container declares, is an error.
@@ -28,49 +84,36 @@ def read_video(source: str | Path | bytes, max_frames: int | None = None,
     Raises:
         UserError: the file is missing, is not a video, has no decodable frames, or (strict) is truncated.
     """
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
-    if not isinstance(source, bytes) and not Path(source).is_file():
-        raise UserError(f"{name}: no such file")
+    video = VideoStream(source, strict=strict and not max_frames)
     frames: list[np.ndarray] = []
-    try:
-        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
-            if not container.streams.video:
-                raise UserError(f"{name}: not a video (no video stream)")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-            declared = stream.frames
-            try:
-                for frame in container.decode(stream):
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    if max_frames and len(frames) >= max_frames:
-                        break
-            except av.error.FFmpegError:
-                if not frames:
-                    raise
-                if strict:
-                    raise UserError(f"{name}: truncated video (decoding failed after {len(frames)} frames)") from None
-                # A truncated file: keep what decoded before the damage.
-            if strict and not max_frames and declared - len(frames) > max(2, 0.02 * declared):
-                raise UserError(f"{name}: truncated video ({len(frames)} of {declared} frames decode)")
-    except av.error.FFmpegError as err:
-        raise UserError(f"{name}: unreadable video ({type(err).__name__}: {err.strerror or err})") from None
-    if not frames:
-        raise UserError(f"{name}: video has no frames")
-    return np.stack(frames), fps
+    for frame in video:
+        frames.append(frame)
+        if max_frames and len(frames) >= max_frames:
+            video.close()
+            break
+    return np.stack(frames), video.fps
 
 
-def read_frames_dir(folder: str | Path) -> np.ndarray:
-    """All images in a folder, sorted by name, as (T, H, W, 3) uint8 RGB."""
+def iter_frames_dir(folder: str | Path) -> Iterator[np.ndarray]:
+    """The images of a folder, sorted by name, one at a time as (H, W, 3) uint8 RGB."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"{folder}: no images")
-    frames = [read_image(p) for p in files]
-    if len({f.shape for f in frames}) > 1:
-        raise UserError(f"{folder}: images differ in size")
-    return np.stack(frames)
+    shape = None
+    for f in files:
+        image = read_image(f)
+        if shape is not None and image.shape != shape:
+            raise UserError(f"{folder}: images differ in size ({f.name} is {image.shape[1]}x{image.shape[0]})")
+        shape = image.shape
+        yield image
+
+
+def read_frames_dir(folder: str | Path) -> np.ndarray:
+    """All images in a folder, sorted by name, as (T, H, W, 3) uint8 RGB."""
+    return np.stack(list(iter_frames_dir(folder)))
 
 
 def read_image(path: str | Path) -> np.ndarray:
