@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
 from dynamictrl.pose.layout import NUM_KEYPOINTS
 from dynamictrl.utils.video import encode_mp4, read_video
@@ -113,7 +112,7 @@ class ShardSink:
         self.max_count = max_count
         existing = sorted(self.folder.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9].tar"))
         self.index = int(existing[-1].stem.rsplit("-", 1)[1]) + 1 if existing else 0
-        self.writer: wds.TarWriter | None = None
+        self.writer = None  # a webdataset.TarWriter while a shard is open
         self.count = 0
         self.finished: list[str] = []
 
@@ -125,6 +124,8 @@ class ShardSink:
         """Add a sample; returns the name of the shard it will land in."""
         if self.writer is None:
             self._tmp = self.folder / f".{self.current_name}.tmp"
+            import webdataset as wds  # here, not at the top: it imports torch, which decode/encode workers need not
+
             self.writer = wds.TarWriter(str(self._tmp))
         self.writer.write(sample)
         self.count += 1
