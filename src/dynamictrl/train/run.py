@@ -146,7 +146,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out))
     if trainer.is_global_zero:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    # weights_only: resuming unpickles nothing but tensors and plain containers (a checkpoint is data)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     kind = "lora" if getattr(module, "lora", None) else "transformer"  # what the export holds
     folder = out / kind
     if not cfg.get("final_save", True):  # the GPU check: a 5B checkpoint would not fit its disk
