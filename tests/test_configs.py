@@ -78,6 +78,17 @@ def test_mask_and_caption_configs_compose_and_name_an_importable_backend(stage):
             assert isinstance(getattr(importlib.import_module(module), cls), type)
 
 
+@pytest.mark.parametrize("engine", group("engine"))
+def test_engine_configs_compose(engine):
+    e = config.load("preprocess", [f"engine={engine}", "input=x", "output=y"]).engine
+    assert e.name == engine
+    if engine == "ray":  # every model stage has its pool settings, and the defaults fit a 2-CPU machine
+        from dynamictrl.preprocess.ray_engine import check_resources
+
+        assert all({"concurrency", "num_gpus", "num_cpus", "batch_size"} <= set(e[s]) for s in ("pose", "mask", "caption"))
+        check_resources(e, {"CPU": 2.0})
+
+
 def test_pose_backend_instantiates():
     backend = instantiate(config.load("preprocess", ["input=x", "output=y"]).pose)
     backend.reset()
@@ -99,7 +110,8 @@ def test_debug_overlay_and_other_apps_compose():
 
 
 def test_every_yaml_is_covered():
-    groups = ("trainer", "experiment", "model", "clip", "pose", "mask", "caption", "debug", "eval/metrics", "logger")
+    groups = ("trainer", "experiment", "model", "clip", "pose", "mask", "caption", "debug", "eval/metrics", "logger",
+              "engine")
     covered = {"train", "preprocess", "precompute", "eval", "demo", "animate/animate", "eval/eval", "data/shards",
                "ablation"}  # ablation: composed in test_ablation
     covered |= {f"{g}/{n}" for g in groups for n in group(g)}
