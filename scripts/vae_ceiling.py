@@ -6,7 +6,8 @@ Each WEIGHTS file needs a .json beside it with "architecture" (AutoencoderKLCogV
 "scaling_factor" (the shipped asset's format); with no argument the shipped asset is measured. For
 each clip: encode -> latent_dist.mode() -> decode, clamp, uint8, then an mp4 round trip (the demo
 writes its `vae_ceiling` videos as mp4). Reports held-out PSNR, MediaPipe body detection (raw, per
-frame) and PCK of the reconstruction's keypoints vs those of the ground truth, pooled over keypoints
+frame; `det_filled` also counts frames holding an earlier frame's pose, as `extract_poses` fills
+them) and PCK of the reconstruction's keypoints vs those of the ground truth, pooled over keypoints
 like `eval.run.score`, plus the ground truth's own detection rate.
 """
 
@@ -68,7 +69,7 @@ def poses(frames: np.ndarray, backend) -> tuple[np.ndarray, np.ndarray]:
 
 
 def measure(vae: AutoencoderKLCogVideoX, samples: list[dict], backend, truth: list) -> dict:
-    mse, det, hits, total = [], [], 0, 0
+    mse, det, filled, hits, total = [], [], [], 0, 0
     with tempfile.TemporaryDirectory() as tmp:
         for s, (_, target) in zip(samples, truth, strict=True):
             rec = reconstruct(vae, s["frames"])
@@ -77,11 +78,12 @@ def measure(vae: AutoencoderKLCogVideoX, samples: list[dict], backend, truth: li
             mse.append(((rec.astype(np.float64) - s["frames"]) / 255).__pow__(2).mean())
             d, found = poses(rec, backend)
             det.append(d)
+            filled.append(L.body_detected(found))  # frames with a pose after filling forward, as the demo's
             acc = pck(found, target)
             hits += acc["pck"] * acc["keypoints"] if acc["keypoints"] else 0
             total += acc["keypoints"]
     return {"psnr": float(np.mean([10 * math.log10(1 / m) for m in mse])),
-            "det": float(np.concatenate(det).mean()), "pck": hits / total if total else float("nan")}  # fmt: skip
+            "det": float(np.concatenate(det).mean()), "det_filled": float(np.concatenate(filled).mean()), "pck": hits / total if total else float("nan")}  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
