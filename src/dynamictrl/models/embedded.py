@@ -82,7 +82,7 @@ def build_tokenizer() -> T5Tokenizer:
 
 
 def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bool = True, num_clips: int = 64,
-            callback=None) -> dict:
+            callback=None, clip_share: float = 0.5, clip_batch: int = 2, person_weight: float = 0.0) -> dict:
     """Short reconstruction training on synthetic clips and their rendered poses: L1 on single frames
     and 9-frame clips.
 
@@ -91,6 +91,10 @@ def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bo
     signal (a real CogVideoX VAE reconstructs pose renders well). Returns statistics of the fit
     (held-out PSNR of frames and of poses, latent std); sets `scaling_factor` so that latents have
     unit standard deviation, as CogVideoX's does for real video.
+
+    `clip_share` of the steps fit `clip_batch` whole clips, the others 8 single frames; `person_weight`
+    adds that much weight to the L1 on the figure's pixels (and on the drawn skeleton of poses). The
+    defaults are the shipped VAE's recipe.
     """
     from dynamictrl.data.synthetic import make_video
     from dynamictrl.pose.render import render_video
@@ -103,6 +107,9 @@ def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bo
 
     rgb = tensor([v["frames"] for v in videos])
     pose = tensor([render_video(v["kpts"], HEIGHT, WIDTH) for v in videos])
+    # Where the person is (RGB: the figure's mask; pose: the drawn skeleton), for `person_weight`.
+    rgb_mask = torch.from_numpy(np.stack([v["masks"] for v in videos]))[:, None].float()
+    pose_mask = (pose > -1).any(1, keepdim=True).float()
     train, held_out = (rgb[:num_clips], pose[:num_clips]), (rgb[num_clips:], pose[num_clips:])
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1))))
@@ -111,14 +118,18 @@ def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bo
     bar = tqdm(range(steps), desc="fitting the tiny VAE", disable=not progress)
     for step in bar:
         pick = lambda n: torch.randint(0, num_clips, (n,), generator=g)  # noqa: E731
-        if step % 2 == 0:  # single frames: 6 RGB, 2 poses
+        if math.floor((step + 1) * clip_share) == math.floor(step * clip_share):  # single frames: 6 RGB, 2 poses
             t = torch.randint(0, NUM_FRAMES, (1,), generator=g).item()
-            x = torch.cat([train[0][pick(6)], train[1][pick(2)]])[:, :, t : t + 1]
-        else:  # whole clips, for the temporal layers: two RGB, or one RGB and one pose
-            x = torch.cat([train[0][pick(1)], train[step % 4 == 3][pick(1)]])
+            i, j = pick(6), pick(2)
+            x = torch.cat([train[0][i], train[1][j]])[:, :, t : t + 1]
+            m = torch.cat([rgb_mask[i], pose_mask[j]])[:, :, t : t + 1]
+        else:  # whole clips, for the temporal layers: RGB, and on steps 3 mod 4 half of them poses
+            i, j, is_pose = pick(clip_batch - clip_batch // 2), pick(clip_batch // 2), step % 4 == 3
+            x = torch.cat([train[0][i], train[is_pose][j]])
+            m = torch.cat([rgb_mask[i], (pose_mask if is_pose else rgb_mask)[j]])
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.mode()).sample
-        loss = (rec - x).abs().mean() + 1e-7 * posterior.kl().mean()
+        loss = ((rec - x).abs() * (1 + person_weight * m)).mean() + 1e-7 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
