@@ -89,7 +89,7 @@ def measure(vae: AutoencoderKLCogVideoX, samples: list[dict], backend, truth: li
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("weights", nargs="*", type=Path)
-    ap.add_argument("--shards", type=Path, default=Path("/work/main/data/demo/shards"))
+    ap.add_argument("--shards", type=Path, default=Path("data/demo/shards"))
     ap.add_argument("--clips", type=int, default=12)
     args = ap.parse_args(argv)
     from dynamictrl.pose.mediapipe_backend import MediaPipeHolistic

@@ -1,7 +1,7 @@
 """Fit a VAE variant with `embedded.fit_vae` and save it in the shipped asset's format (for vae_ceiling.py).
 
     PYTHONPATH=src python scripts/vae_fit_exp.py NAME STEPS [--arch JSON] [--clip-share F] [--clip-batch N]
-        [--person-weight W] [--num-clips N] [--init WEIGHTS]   -> outputs/vae_exp/NAME.safetensors + .json
+        [--person-weight W] [--num-clips N] [--init WEIGHTS] [--device cuda]   -> outputs/vae_exp/NAME.safetensors + .json
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, help="start from these weights (same parameter shapes)")
     ap.add_argument("--out", type=Path, default=Path("outputs/vae_exp"))
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N: where to fit")
     a = ap.parse_args(argv)
     arch = embedded.VAE | json.loads(a.arch)
     torch.manual_seed(a.seed)
@@ -39,7 +40,8 @@ def main(argv: list[str]) -> int:
         vae.load_state_dict(load_file(a.init), strict=True)
     start = time.perf_counter()
     stats = embedded.fit_vae(vae, a.steps, a.seed, progress=False, num_clips=a.num_clips, clip_share=a.clip_share,
-                             clip_batch=a.clip_batch, person_weight=a.person_weight)  # fmt: skip
+                             clip_batch=a.clip_batch, person_weight=a.person_weight,
+                             device=a.device)  # fmt: skip
     a.out.mkdir(parents=True, exist_ok=True)
     w = a.out / f"{a.name}.safetensors"
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, w)

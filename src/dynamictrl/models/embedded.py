@@ -82,7 +82,8 @@ def build_tokenizer() -> T5Tokenizer:
 
 
 def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bool = True, num_clips: int = 64,
-            callback=None, clip_share: float = 0.5, clip_batch: int = 2, person_weight: float = 0.0) -> dict:
+            callback=None, clip_share: float = 0.5, clip_batch: int = 2, person_weight: float = 0.0,
+            device: str = "cpu") -> dict:
     """Short reconstruction training on synthetic clips and their rendered poses: L1 on single frames
     and 9-frame clips.
 
@@ -94,7 +95,8 @@ def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bo
 
     `clip_share` of the steps fit `clip_batch` whole clips, the others 8 single frames; `person_weight`
     adds that much weight to the L1 on the figure's pixels (and on the drawn skeleton of poses). The
-    defaults are the shipped VAE's recipe.
+    defaults are the shipped VAE's recipe. `device`: where to fit (e.g. cuda on a lent GPU for a larger
+    VAE and a longer fit); the VAE comes back on the CPU.
     """
     from dynamictrl.data.synthetic import make_video
     from dynamictrl.pose.render import render_video
@@ -105,11 +107,12 @@ def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bo
     def tensor(clips: list[np.ndarray]) -> torch.Tensor:  # (N, 3, T, H, W) in [-1, 1]
         return torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
-    rgb = tensor([v["frames"] for v in videos])
-    pose = tensor([render_video(v["kpts"], HEIGHT, WIDTH) for v in videos])
+    rgb = tensor([v["frames"] for v in videos]).to(device)
+    pose = tensor([render_video(v["kpts"], HEIGHT, WIDTH) for v in videos]).to(device)
     # Where the person is (RGB: the figure's mask; pose: the drawn skeleton), for `person_weight`.
-    rgb_mask = torch.from_numpy(np.stack([v["masks"] for v in videos]))[:, None].float()
+    rgb_mask = torch.from_numpy(np.stack([v["masks"] for v in videos]))[:, None].float().to(device)
     pose_mask = (pose > -1).any(1, keepdim=True).float()
+    vae.to(device)
     train, held_out = (rgb[:num_clips], pose[:num_clips]), (rgb[num_clips:], pose[num_clips:])
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1))))
@@ -148,6 +151,7 @@ def fit_vae(vae: AutoencoderKLCogVideoX, steps: int, seed: int = 0, progress: bo
             if name == "held_out_psnr":
                 std = float(z.std())
     vae.register_to_config(scaling_factor=1.0 / std)
+    vae.to("cpu")
     return {"steps": steps, **psnr, "latent_std": std, "seconds": time.perf_counter() - start}
 
 
