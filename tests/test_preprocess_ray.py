@@ -20,6 +20,7 @@ from dynamictrl.errors import UserError
 from dynamictrl.preprocess.ray_engine import check_resources
 from dynamictrl.preprocess.run import run
 from dynamictrl.utils.video import read_video, write_video
+from test_preprocess_backends import overrides, weights  # noqa: F401 - weights is a fixture
 from test_preprocess_faults import astronaut_video, cfg, members
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,27 @@ def test_ray_engine_matches_the_local_engine_and_resumes_after_sigkill(mixed, tm
     assert {r["source"] for r in manifest(killed)} == {r["source"] for r in manifest(whole)}
     assert rejects(killed) == rejects(whole)
     assert_same_members(whole, killed)
+
+
+@pytest.mark.slow
+def test_model_backends_in_ray_actor_pools_match_the_local_engine(weights, tmp_path):  # noqa: F811
+    """DWPose, SAM 2 and Qwen2-VL (tiny weights in their real formats) in the actor pools, captions
+    batched across inputs, give the local engine's samples; a missing weight file stops a Ray run with
+    its one line, as it stops a local one."""
+    from dynamictrl import config
+
+    raw = tmp_path / "raw"
+    for i in range(3):
+        write_video(raw / f"clip{i}.mp4", np.roll(astronaut_video(18, 160), 7 * i, axis=2), 8)
+    local = run(config.load("preprocess", overrides(weights, raw, tmp_path / "local")))
+    ray_run = run(config.load("preprocess", [*overrides(weights, raw, tmp_path / "ray"), *RAY,
+                                             "engine.caption.batch_size=3"]))  # fmt: skip
+    assert local["done"] == ray_run["done"] == 3 and local["clips"] == ray_run["clips"] == 6
+    assert {"pose", "mask", "caption"} <= ray_run["backend_seconds"].keys()
+    assert manifest(tmp_path / "local") == manifest(tmp_path / "ray")
+    assert_same_members(tmp_path / "local", tmp_path / "ray")  # captions, keypoints and masks byte for byte
+    with pytest.raises(UserError, match="no such file"):
+        run(config.load("preprocess", [*overrides(weights, raw, tmp_path / "bad"), *RAY, "pose.det_model=/no/det.onnx"]))
 
 
 def test_an_unschedulable_pipeline_is_refused_with_one_line():
