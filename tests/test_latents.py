@@ -59,6 +59,8 @@ def test_an_even_latent_count_is_decoded_whole_and_its_extra_leading_frames_drop
         whole = vae.decode(z.permute(0, 2, 1, 3, 4) / 0.7).sample.clamp(-1, 1)
     assert whole.shape[2] == 40
     torch.testing.assert_close(codec.decode(z, 37), whole[:, :, 3:], rtol=0, atol=0)
+    official = LatentCodec(vae, patch_size_t=2, frame_trim="official")  # the official script's trim: the head
+    torch.testing.assert_close(official.decode(z, 37), whole[:, :, :37], rtol=0, atol=0)
 
 
 def test_padding_repeats_the_first_latent_frame_in_front(vae):
@@ -89,3 +91,5 @@ def test_reference_scaling_conventions(invert, convention, factor):
 def test_an_unknown_reference_scaling_is_a_clear_error(vae):
     with pytest.raises(ValueError, match=r"reference_scaling='halved' is not valid; choose one of"):
         LatentCodec(vae, reference_scaling="halved")
+    with pytest.raises(ValueError, match=r"frame_trim='middle' is not valid; choose one of"):
+        LatentCodec(vae, frame_trim="middle")

@@ -157,6 +157,9 @@ def test_37_frames_through_the_whole_pipeline_equal_the_official_inference(relea
     assert np.abs(ours.astype(int) - ref40[:37].astype(int)).max() > 8  # (the official script's head: 3 frames behind)
     other = pipe(image, pose, generator=torch.Generator().manual_seed(7), reference_scaling="diffusers", **kw).frames[0]
     assert np.abs(other.astype(int) - ours.astype(int)).max() > 8  # the convention matters on this VAE
+    # frame_trim="official" reproduces the official script's output frame for frame (its first 37).
+    head = pipe(image, pose, generator=torch.Generator().manual_seed(7), frame_trim="official", **kw).frames[0]
+    assert head.shape == (37, 32, 32, 3) and np.abs(head.astype(int) - ref40[:37].astype(int)).max() <= 1
 
 
 def test_38_frames_is_a_one_line_error_naming_the_valid_counts(released):
@@ -183,6 +186,7 @@ def test_animate_runs_a_released_model_in_37_frame_clips(released, tmp_path, cli
     assert len(read_video(tmp_path / "o.mp4")[0]) == 37
     settings = json.loads((tmp_path / "o.json").read_text())
     assert settings["clip_frames"] == 37 and settings["reference_scaling_used"] == "official"
+    assert settings["frame_trim"] == "aligned"
     with pytest.raises(UserError, match=r"clip_frames=38 is not valid .* nearest valid: 37 or 41") as err:
         run(animate_cfg(**common, output=tmp_path / "p.mp4", clip_frames=38))
     assert "\n" not in str(err.value)

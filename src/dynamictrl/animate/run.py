@@ -289,7 +289,7 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
     clip_frames = int(cfg.clip_frames or default_clip_frames(pipe))
     reference_scaling = cfg.get("reference_scaling") or pipe.reference_scaling
     try:  # before any pose extraction: a wrong clip length or convention is the user's to fix
-        codec = pipe.latent_codec(reference_scaling)
+        codec = pipe.latent_codec(reference_scaling, cfg.get("frame_trim"))
         codec.check_frames(clip_frames, "clip_frames")
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -347,7 +347,7 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
                         int(cfg.overlap), cfg.progress, mask_for=masker, num_inference_steps=int(cfg.steps),
                         guidance_scale=float(cfg.guidance_scale), negative_prompt=cfg.negative_prompt,
                         cfg_separate_passes=bool(cfg.cfg_separate_passes),
-                        reference_scaling=reference_scaling)  # fmt: skip
+                        reference_scaling=reference_scaling, frame_trim=codec.frame_trim)  # fmt: skip
     except ValueError as err:
         raise UserError(str(err)) from None
     finally:
@@ -369,7 +369,7 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
     settings = OmegaConf.to_container(cfg, resolve=True) | {
         "prompt_used": prompt, "fps": fps, "frames": len(video), "height": height, "width": width,
         "clip_frames": clip_frames, "aligned": aligned, "device": device, "dtype": str(dtype),
-        "reference_scaling_used": reference_scaling, "model_settings": defaults,
+        "reference_scaling_used": reference_scaling, "frame_trim": codec.frame_trim, "model_settings": defaults,
     }  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(settings, indent=1))
     print(f"animate: {len(video)} frames at {fps:g} fps, {height}x{width} -> {out} (side by side: {side})")

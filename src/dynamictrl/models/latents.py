@@ -14,7 +14,8 @@ Frame policy per model version:
   - 8k+5 (even n, e.g. 37 -> 10, the released DynamiCtrl's length): no padding; all n latent frames
     are decoded together, as the official pipeline decodes them, to T+3 frames; the 3 leading ones
     (the extra copies of frame 0) are dropped, so decoded frame i lines up with input (pose) frame i.
-    The official script keeps the first T decoded frames instead, which lags the poses by 3 frames.
+    The official script keeps the first T decoded frames instead, which lags the poses by 3 frames;
+    `frame_trim="official"` does the same, to reproduce its outputs frame for frame.
 
 Reference scaling (`reference_scaling`): how the reference image's latent is scaled before it is
 concatenated with the noisy latent. Target and pose latents are always multiplied by the VAE's
@@ -33,6 +34,7 @@ import torch
 from diffusers import AutoencoderKLCogVideoX
 
 REFERENCE_SCALINGS = ("diffusers", "official", "scaled")
+FRAME_TRIMS = ("aligned", "official")  # which T of the T+3 decoded frames an even latent count keeps
 
 
 @dataclass
@@ -43,15 +45,20 @@ class LatentCodec:
         vae: the (frozen) CogVideoX VAE.
         patch_size_t: the transformer's temporal patch size (2 on CogVideoX 1.5, None on 1.0).
         reference_scaling: `diffusers` | `official` | `scaled` (see the module docstring).
+        frame_trim: `aligned` (the last T decoded frames: frame i is pose i) | `official` (the first T,
+            as the official inference script keeps them: 3 frames behind the poses).
     """
 
     vae: AutoencoderKLCogVideoX
     patch_size_t: int | None = None
     reference_scaling: str = "diffusers"
+    frame_trim: str = "aligned"
 
     def __post_init__(self) -> None:
         if self.reference_scaling not in REFERENCE_SCALINGS:
             raise ValueError(f"reference_scaling={self.reference_scaling!r} is not valid; choose one of {REFERENCE_SCALINGS}")
+        if self.frame_trim not in FRAME_TRIMS:
+            raise ValueError(f"frame_trim={self.frame_trim!r} is not valid; choose one of {FRAME_TRIMS}")
 
     # 1. Frame policy.
     @property
@@ -154,14 +161,17 @@ class LatentCodec:
         """(B, F, C, h, w) scaled, unpadded latents -> (B, 3, T, H, W) pixels in [-1, 1].
 
         All F latent frames go through the VAE together (an even F decodes to 4F frames); the surplus
-        leading frames are dropped so that exactly `num_frames` come out (default: the 4(F-1)+1 frames
-        that F latent frames encode).
+        frames are dropped so that exactly `num_frames` come out (default: the 4(F-1)+1 frames that F
+        latent frames encode): the leading ones (`frame_trim="aligned"`) or the trailing ones
+        (`"official"`).
         """
         num_frames = num_frames or self.ratio * (latents.shape[1] - 1) + 1
         z = latents.permute(0, 2, 1, 3, 4) / self.scaling_factor  # (B, C, F, h, w)
         video = self.vae.decode(z.to(self.vae.dtype)).sample.clamp(-1, 1)
         if video.shape[2] < num_frames:
             raise ValueError(f"{latents.shape[1]} latent frames decode to {video.shape[2]} frames, fewer than {num_frames}")
+        if self.frame_trim == "official":
+            return video[:, :, :num_frames]
         return video[:, :, video.shape[2] - num_frames :]
 
 

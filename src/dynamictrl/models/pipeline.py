@@ -118,10 +118,11 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
         """The reference-latent convention this model expects (see `models.latents`)."""
         return self.settings.get("reference_scaling", "diffusers")
 
-    def latent_codec(self, reference_scaling: str | None = None) -> Z.LatentCodec:
-        """The latent codec of this VAE and transformer; `reference_scaling` None: the model's own."""
+    def latent_codec(self, reference_scaling: str | None = None, frame_trim: str | None = None) -> Z.LatentCodec:
+        """The latent codec of this VAE and transformer; `reference_scaling` None: the model's own;
+        `frame_trim` None: `aligned`."""
         p_t = self.transformer.config.patch_size_t if self.transformer is not None else None
-        return Z.LatentCodec(self.vae, p_t, reference_scaling or self.reference_scaling)
+        return Z.LatentCodec(self.vae, p_t, reference_scaling or self.reference_scaling, frame_trim or "aligned")
 
     def check_positional_range(self, height: int, width: int) -> None:
         """CogVideoX 1.5's RoPE covers at most sample_height x sample_width latents; say so clearly."""
@@ -154,6 +155,7 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
         max_sequence_length: int | None = None,
         cfg_separate_passes: bool = False,
         reference_scaling: str | None = None,
+        frame_trim: str | None = None,
     ) -> CogVideoXPipelineOutput | tuple:
         """Animate one reference image.
 
@@ -173,13 +175,15 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
                 as one batch of two (same result, about half the activation memory).
             reference_scaling: `diffusers` | `official` | `scaled` (see `models.latents`); None: the
                 loaded model's (`settings`).
+            frame_trim: `aligned` (default: decoded frame i follows pose i) | `official` (the official
+                script's first T of T+3 decoded frames, 3 frames behind; only for reproducing its outputs).
 
         Returns:
             `CogVideoXPipelineOutput` whose `frames` is a list with one (T, H, W, 3) uint8 array of exactly
             T frames (the pose video's), or with output_type="latent" the (1, F, C, h, w) latents.
         """
         device = self._execution_device
-        codec = self.latent_codec(reference_scaling)
+        codec = self.latent_codec(reference_scaling, frame_trim)
         pose = np.asarray(pose_video)
         if pose.ndim != 4 or pose.shape[-1] != 3:
             raise ValueError(f"pose_video must be (T, H, W, 3); got shape {pose.shape}")
