@@ -63,3 +63,17 @@ def test_the_data_position_is_saved_and_restored(shards, workers):
     second.load_state_dict(state)
     assert head + keys_of(second, 6) == continuous
     assert len(set(continuous)) > 3  # several different batches over epochs
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_same_wandb_run(tiny_model, shards, tmp_path):
+    """The wandb run id is kept in OUTPUT/wandb-run-id.txt: a resumed (or requeued) run logs to the same
+    wandb run (offline here: both runs' folders carry the one id)."""
+    out = tmp_path / "w"
+    run(train_cfg(shards, tiny_model, out, "trainer.max_steps=2", "logger=default", "checkpoint_every=2"))
+    run_id = (out / "wandb-run-id.txt").read_text().strip()
+    run(train_cfg(shards, tiny_model, out, "trainer.max_steps=4", "logger=default", "checkpoint_every=2", "resume=true"))
+    folders = sorted((out / "wandb").glob("offline-run-*"))
+    # one folder per start (one only when both started within the same second); a new id would add one
+    assert folders and all(f.name.endswith(f"-{run_id}") for f in folders), folders
+    assert (out / "wandb-run-id.txt").read_text().strip() == run_id

@@ -54,6 +54,23 @@ def resume_path(cfg: DictConfig, last: Path) -> str | None:
     raise UserError(f"resume=true but {last} does not exist")
 
 
+def wandb_resume(logger: DictConfig, out: Path) -> dict[str, Any]:
+    """For a wandb logger: the run id kept in OUTPUT/wandb-run-id.txt (made on the first start), with
+    resume="allow", so that a resumed or requeued run continues the same wandb run instead of starting
+    a new one. Nothing for other loggers or when the config names an id itself."""
+    if not str(logger.get("_target_", "")).endswith("WandbLogger") or logger.get("id"):
+        return {}
+    path = out / "wandb-run-id.txt"
+    if not path.is_file() and int(os.environ.get("RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        import wandb
+
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(wandb.util.generate_id())
+        os.replace(tmp, path)
+    # Other ranks log nothing to wandb (Lightning's rank-zero experiment); they may not see the file yet.
+    return {"id": path.read_text().strip(), "resume": "allow"} if path.is_file() else {}
+
+
 def merge_metrics(csv_path: Path, previous: Path) -> None:
     """After a resume: the earlier run's rows (before the resumed run's first step), then the new ones.
     (Lightning's CSV logger starts a fresh file; the earlier one was moved to `previous`.)"""
@@ -136,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics, previous = out / "metrics.csv", out / "metrics-before-resume.csv"
     if resume and metrics.is_file() and not previous.is_file() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         os.replace(metrics, previous)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    loggers = [instantiate(c, **wandb_resume(c, out)) for c in (cfg.get("logger") or {}).values() if c]
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
                            save_last=bool(cfg.get("final_save", True)), save_top_k=cfg.keep_checkpoints, every_n_train_steps=cfg.checkpoint_every,
                            save_on_train_epoch_end=False)  # fmt: skip
