@@ -83,9 +83,16 @@ def test_ray_engine_matches_the_local_engine_and_resumes_after_sigkill(mixed, tm
     assert sorted(p.name for p in local.glob("*.tar")) == sorted(p.name for p in ray_out.glob("*.tar"))
     assert_same_members(local, ray_out)
 
-    # A Ray run killed with SIGKILL after its first committed shard resumes to the same result.
+    # A Ray run killed with SIGKILL after its first committed shard resumes to the same result. Three
+    # slower inputs (MediaPipe on 40 frames each) at the end of the list keep it busy after that shard.
+    slow = tmp_path / "slow"
+    shutil.copytree(mixed, slow)
+    for i in range(3):
+        write_video(slow / "train" / f"zz_slow{i}.mp4", np.roll(astronaut_video(40), 9 * i, axis=2), 8)
+        (slow / "train" / f"zz_slow{i}.txt").write_text("The person in the image is wearing a space suit.")
+    total = 9 + 3
     killed = tmp_path / "killed"
-    args = [sys.executable, str(ROOT / "pipelines" / "preprocess" / "main.py"), f"input={mixed}", f"output={killed}",
+    args = [sys.executable, str(ROOT / "pipelines" / "preprocess" / "main.py"), f"input={slow}", f"output={killed}",
             "shard_size=1", "progress=false", f"hydra.run.dir={tmp_path / 'hydra'}", *RAY]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -99,12 +106,12 @@ def test_ray_engine_matches_the_local_engine_and_resumes_after_sigkill(mixed, tm
     listed = {row["shard"] for row in manifest(killed)}
     assert {p.name for p in killed.glob("*.tar")} == listed  # no partial shard is visible
     finished = len(manifest(killed)) + (len(rejects(killed)) if (killed / "rejects.jsonl").is_file() else 0)
-    assert finished < 9
-    resumed = run(cfg(mixed, killed, "shard_size=1", *RAY))
+    assert finished < total
+    resumed = run(cfg(slow, killed, "shard_size=1", *RAY))
     assert resumed["skipped"] == finished  # nothing finished is redone
-    assert resumed["done"] + sum(resumed["rejected"].values()) == 9 - finished
+    assert resumed["done"] + sum(resumed["rejected"].values()) == total - finished
     whole = tmp_path / "whole"
-    run(cfg(mixed, whole, "shard_size=1"))
+    run(cfg(slow, whole, "shard_size=1"))
     assert {r["source"] for r in manifest(killed)} == {r["source"] for r in manifest(whole)}
     assert rejects(killed) == rejects(whole)
     assert_same_members(whole, killed)

@@ -77,3 +77,6 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_model, shards, tmp_path
     # one folder per start (one only when both started within the same second); a new id would add one
     assert folders and all(f.name.endswith(f"-{run_id}") for f in folders), folders
     assert (out / "wandb-run-id.txt").read_text().strip() == run_id
+    import wandb
+
+    assert wandb.run is None  # closed: the next training in this process starts a run of its own

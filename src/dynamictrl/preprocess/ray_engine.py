@@ -16,6 +16,7 @@ others; the package and the model weights must be installed at the same paths on
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -133,6 +134,7 @@ def ray_engine(todo: list[Item], cfg: DictConfig) -> Iterator[Outcome]:
 
     e = cfg.engine
     plain = OmegaConf.to_container(cfg, resolve=True)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines; the driver's bar counts inputs
     started = start(e)
     try:
         check_resources(e, ray.cluster_resources())

@@ -71,6 +71,18 @@ def wandb_resume(logger: DictConfig, out: Path) -> dict[str, Any]:
     return {"id": path.read_text().strip(), "resume": "allow"} if path.is_file() else {}
 
 
+def finish_wandb(loggers: list) -> None:
+    """Close the wandb run of this training. Lightning leaves it open, and the next training in the same
+    process (make ablation, the demo, tests) would then log into it instead of a run of its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
 def merge_metrics(csv_path: Path, previous: Path) -> None:
     """After a resume: the earlier run's rows (before the resumed run's first step), then the new ones.
     (Lightning's CSV logger starts a fresh file; the earlier one was moved to `previous`.)"""
@@ -164,7 +176,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # weights_only: resuming unpickles nothing but tensors and plain containers (a checkpoint is data)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    finally:
+        finish_wandb(loggers)
     kind = "lora" if getattr(module, "lora", None) else "transformer"  # what the export holds
     folder = out / kind
     if not cfg.get("final_save", True):  # the GPU check: a 5B checkpoint would not fit its disk
