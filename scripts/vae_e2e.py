@@ -16,11 +16,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from vae_ceiling import held_out, load_vae  # noqa: E402
-
-from dynamictrl.models import embedded  # noqa: E402
-from dynamictrl.models.pipeline import DynamiCtrlPipeline  # noqa: E402
+from dynamictrl.demo import held_out
+from dynamictrl.models import embedded
+from dynamictrl.models.pipeline import DynamiCtrlPipeline
 
 
 def main(argv: list[str]) -> int:
@@ -29,7 +27,7 @@ def main(argv: list[str]) -> int:
         pipe = DynamiCtrlPipeline.from_pretrained(embedded.build(Path(tmp) / "m", progress=False))
     pipe.set_progress_bar_config(disable=True)
     for w in [embedded.VAE_ASSET, *map(Path, argv)]:
-        pipe.vae = load_vae(w)
+        pipe.vae = embedded.load_vae_file(w)
         calls = []
         forward = pipe.transformer.forward
 

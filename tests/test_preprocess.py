@@ -102,8 +102,16 @@ def test_bucket_follows_the_person_box():
     assert choose_bucket(buckets, (0.1, 0.4, 0.9, 0.7), 576, 1024, 0.1) == (64, 96)  # lying down, landscape video
 
 
+def resample(num_frames: int, src_fps: float, fps: float | None) -> np.ndarray:
+    """The indices of source frames that sample a loaded video of `num_frames` at `fps`."""
+    if not fps or abs(fps - src_fps) < 1e-3:
+        return np.arange(num_frames)
+    n = int(np.floor((num_frames - 1) * fps / src_fps)) + 1
+    return np.minimum(np.round(np.arange(n) * src_fps / fps).astype(int), num_frames - 1)
+
+
 def test_streamed_resampling_picks_the_same_frames_as_resampling_a_loaded_video():
-    from dynamictrl.preprocess.stages import resample, resampled
+    from dynamictrl.preprocess.stages import resampled
 
     for n in (1, 9, 20, 59):
         for src in (8, 24, 25, 29.97, 30, 60):

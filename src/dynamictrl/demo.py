@@ -104,11 +104,15 @@ def write_baselines(model: str | Path, samples: list[dict], out: Path) -> None:
     for s in samples:
         frames, fps = s["frames"], s["meta"]["fps"]
         write_video(out / "static_reference" / f"{s['key']}.mp4", np.repeat(frames[:1], len(frames), 0), fps)
-        x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W)
-        with torch.no_grad():
-            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)[0]
-        rec = ((rec.permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy()  # (T, H, W, 3)
-        write_video(out / "vae_ceiling" / f"{s['key']}.mp4", rec[: len(frames)], fps)
+        write_video(out / "vae_ceiling" / f"{s['key']}.mp4", vae_roundtrip(vae, frames), fps)
+
+
+def vae_roundtrip(vae, frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> the same frames encoded by the VAE (posterior mode) and decoded again."""
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)[0]
+    return ((rec.permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy()[: len(frames)]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

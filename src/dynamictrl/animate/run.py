@@ -133,17 +133,25 @@ def choose_size(image: np.ndarray, buckets: list | None) -> tuple[int, int]:
 
 
 def extract_poses(frames: np.ndarray, backend, desc: str = "driving poses", progress: bool = True) -> np.ndarray:
-    """(T, H, W, 3) frames -> (T, 134, 3) keypoints; a frame with no person repeats the last pose found.
+    """(T, H, W, 3) frames -> (T, 134, 3) keypoints; a frame with no person repeats the last pose found."""
+    return fill_forward(detect_poses(frames, backend, desc, progress))
+
+
+def detect_poses(frames: np.ndarray, backend, desc: str = "driving poses", progress: bool = True) -> np.ndarray:
+    """(T, H, W, 3) frames -> (T, 134, 3) keypoints as the backend finds them (zeros: nobody found).
 
     A batched backend (DWPose, `batch_size` > 1) gets the whole video at once; a per-frame tracker
     (MediaPipe) is fed frame by frame under a progress bar."""
     if getattr(backend, "batch_size", 1) > 1 and hasattr(backend, "detect_video"):
-        found = backend.detect_video(np.ascontiguousarray(frames)).kpts
-    else:
-        backend.reset()
-        found = np.stack([backend(np.ascontiguousarray(f))[0]
-                          for f in tqdm(frames, desc=desc, leave=False, disable=not progress)])  # fmt: skip
-    kpts = L.empty(len(frames))
+        return backend.detect_video(np.ascontiguousarray(frames)).kpts
+    backend.reset()
+    return np.stack([backend(np.ascontiguousarray(f))[0]
+                     for f in tqdm(frames, desc=desc, leave=False, disable=not progress)])  # fmt: skip
+
+
+def fill_forward(found: np.ndarray) -> np.ndarray:
+    """(T, 134, 3) keypoints -> the same with each frame without a body holding the last one found."""
+    kpts = L.empty(len(found))
     last = None
     for i, k in enumerate(found):
         if L.body_detected(k[None])[0]:

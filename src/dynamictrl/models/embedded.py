@@ -165,11 +165,17 @@ def shipped_vae() -> AutoencoderKLCogVideoX | None:
     meta_path = VAE_ASSET.with_suffix(".json")
     if not (VAE_ASSET.is_file() and meta_path.is_file()):
         return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("architecture") != json.loads(json.dumps(VAE)):
+    if json.loads(meta_path.read_text()).get("architecture") != json.loads(json.dumps(VAE)):
         return None
-    vae = AutoencoderKLCogVideoX(**VAE)
-    vae.load_state_dict(load_file(VAE_ASSET), strict=True)
+    return load_vae_file(VAE_ASSET)
+
+
+def load_vae_file(weights: Path) -> AutoencoderKLCogVideoX:
+    """A VAE saved in the shipped asset's format: safetensors, and beside it a .json with its
+    `architecture` (AutoencoderKLCogVideoX kwargs) and `scaling_factor`."""
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    vae = AutoencoderKLCogVideoX(**meta["architecture"])
+    vae.load_state_dict(load_file(weights), strict=True)
     vae.register_to_config(scaling_factor=meta["scaling_factor"])
     return vae.eval()
 

@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dynamictrl.errors import UserError
-from dynamictrl.preprocess.stages import Assembler, Failed, Item, Outcome, Window, from_row, to_row
+from dynamictrl.preprocess.stages import Assembler, Item, Outcome, Window, from_row, to_row
 
 
 def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -38,7 +38,7 @@ def _batch(rows: list[dict[str, Any]]) -> dict[str, list]:
 
 class Stage:
     """One model stage on a batch of rows, in a Ray actor: windows go through `stage` (errors become
-    `Failed` rows, see `run.guarded`), every other row passes through. Models load on first need."""
+    `Failed` rows, see `stages.guarded`), every other row passes through. Models load on first need."""
 
     def __init__(self, cfg: dict, stage: str):
         from dynamictrl.preprocess.run import Backends
@@ -55,8 +55,7 @@ class Stage:
         return mask_and_crop(w, self.cfg, self.backends)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from dynamictrl.preprocess.run import guarded
-        from dynamictrl.preprocess.stages import caption
+        from dynamictrl.preprocess.stages import caption, guarded
 
         objs = [from_row(r) for r in _rows(batch)]
         windows = [o for o in objs if isinstance(o, Window)]
@@ -82,8 +81,7 @@ def _decode(row: dict[str, Any], cfg: dict, has_caption_model: bool) -> Iterator
 
 
 def _encode(batch: dict[str, np.ndarray], cfg: dict) -> dict[str, list]:
-    from dynamictrl.preprocess.run import guarded
-    from dynamictrl.preprocess.stages import encode
+    from dynamictrl.preprocess.stages import encode, guarded
 
     conf = OmegaConf.create(cfg)
     objs = [from_row(r) for r in _rows(batch)]
@@ -156,10 +154,7 @@ def ray_engine(todo: list[Item], cfg: DictConfig) -> Iterator[Outcome]:
                             num_cpus=e.encode.num_cpus)  # fmt: skip
         assembler = Assembler(cfg)
         for row in ds.iter_rows():
-            obj = from_row(row)
-            if isinstance(obj, Failed) and obj.fatal:
-                raise UserError(obj.reason)
-            outcome = assembler.add(obj)
+            outcome = assembler.add(from_row(row))  # a fatal Failed raises its UserError here
             if outcome is not None:
                 yield outcome
     finally:

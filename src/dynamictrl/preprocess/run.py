@@ -26,7 +26,7 @@ import re
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ from dynamictrl.preprocess.stages import (
     caption,
     decode,
     encode,
-    mask_and_crop,  # fmt: skip
+    guarded,
+    mask_and_crop,
     pose,
 )
 from dynamictrl.utils.video import VIDEO_SUFFIXES
@@ -162,17 +163,6 @@ def _read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a line cut by a kill; its input is simply redone
     return rows
-
-
-def guarded(step: Callable[[Window], Window], w: Window) -> Window | Failed:
-    """Run one stage on a window; an error becomes the window's `Failed` (its input is rejected with
-    the reason, the run goes on), a UserError a fatal one (the run stops with its line)."""
-    try:
-        return step(w)
-    except UserError as err:
-        return Failed(w.video, w.index, str(err), fatal=True)
-    except Exception as err:  # noqa: BLE001 - a long run survives any bad item; it is recorded
-        return Failed(w.video, w.index, f"failed: {type(err).__name__}: {err}")
 
 
 def caption_model_configured(cfg: DictConfig) -> bool:

@@ -107,19 +107,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resample(num_frames: int, src_fps: float, fps: float | None) -> np.ndarray:
-    """Indices of source frames that sample the video at `fps` (all frames if fps is None)."""
-    if not fps or abs(fps - src_fps) < 1e-3:
-        return np.arange(num_frames)
-    n = int(np.floor((num_frames - 1) * fps / src_fps)) + 1
-    return np.minimum(np.round(np.arange(n) * src_fps / fps).astype(int), num_frames - 1)
-
-
 def resampled(frames: Iterator[np.ndarray], src_fps: float, fps: float | None) -> Iterator[tuple[int, np.ndarray]]:
-    """(source index, frame) at `fps` as the frames arrive: the streaming form of `resample`, with the
-    same indices. Sample k is source frame round(k * src_fps / fps) while k * src_fps / fps is at most
-    the last frame's index; a sample just past a frame is held back until the next frame shows the
-    video goes on (at the end it is dropped, as `resample` drops it)."""
+    """(source index, frame) at `fps` as the frames arrive (all of them when fps is None or the source's).
+    Sample k is source frame round(k * src_fps / fps) while k * src_fps / fps is at most the last
+    frame's index (repeated frames when fps > src_fps); a sample just past a frame is held back until
+    the next frame shows the video goes on, and dropped at the end."""
     if not fps or abs(fps - src_fps) < 1e-3:
         yield from enumerate(frames)
         return
@@ -182,17 +174,17 @@ def sidecar_caption(item: Item) -> str | None:
     return text or None
 
 
-def _open(item: Item, default_fps: float) -> tuple[Iterator[np.ndarray], float, VideoStream | None]:
-    """(frames one at a time, frame rate, the stream or None for a folder). Raises Reject."""
+def _open(item: Item, default_fps: float) -> tuple[Iterator[np.ndarray], float]:
+    """(frames one at a time, frame rate). Raises Reject."""
     if item.path.is_file() and item.path.stat().st_size == 0:
         raise Reject("empty file")
     try:
         if item.is_folder:
             meta = item.path / "meta.json"
             fps = json.loads(meta.read_text()).get("fps", default_fps) if meta.is_file() else default_fps
-            return iter_frames_dir(item.path / "images"), float(fps), None
+            return iter_frames_dir(item.path / "images"), float(fps)
         stream = VideoStream(item.path, strict=True)
-        return iter(stream), stream.fps, stream
+        return iter(stream), stream.fps
     except UserError as err:
         raise Reject(str(err).split(": ", 1)[-1]) from None
 
@@ -204,7 +196,7 @@ def decode(item: Item, video: int, cfg: DictConfig, caption_model: bool) -> Iter
     length, stride = int(cfg.num_frames), int(cfg.stride or cfg.num_frames)
     sent, count = 0, 0
     try:
-        frames, src_fps, _ = _open(item, cfg.default_fps)
+        frames, src_fps = _open(item, cfg.default_fps)
         caption = sidecar_caption(item) if cfg.use_sidecars else None
         if caption is None and not caption_model:  # before any model runs
             name = "caption.txt" if item.is_folder else item.path.stem + ".txt"
@@ -270,8 +262,7 @@ def pose(w: Window, backends) -> Window:
         w.seconds["pose"] = time.perf_counter() - t0
         w.kpts, w.people = track.kpts, track.people
         w.stages["pose"] = f"{model.name}-{model.version}"
-        if w.masks is None and track.masks is not None:
-            w.stages["pose_masks"] = True
+        if w.masks is None:  # the mask stage's fallback; sidecar masks (they set stages["mask"]) win
             w.masks = track.masks
     w.frame_detected = L.body_detected(w.kpts)
     return w
@@ -283,7 +274,7 @@ def mask_and_crop(w: Window, cfg: DictConfig, backends) -> Window:
     nearest-aspect bucket. Afterwards frames and masks are at clip resolution; `crop` is None (and the
     arrays dropped) when no person is visible in the window."""
     H, W = w.frames.shape[1:3]
-    from_pose = w.stages.pop("pose_masks", False)
+    from_pose = w.masks is not None and "mask" not in w.stages  # not a sidecar's: the pose backend's
     if w.masks is None or from_pose:
         model = backends.mask
         if model is not None:
@@ -421,6 +412,18 @@ def encode(w: Window, cfg: DictConfig) -> Window:
     w.sample = encode_sample(key, w.frames, pose_video, w.masks, w.kpts, w.caption, meta, w.info["fps"])
     w.frames = w.masks = None
     return w
+
+
+def guarded(step, w: Window) -> Window | Failed:
+    """Run one stage (a function of a window) on a window; an error becomes the window's `Failed` (its
+    input is rejected with the reason, the run goes on), a UserError a fatal one (the run stops with
+    its line)."""
+    try:
+        return step(w)
+    except UserError as err:
+        return Failed(w.video, w.index, str(err), fatal=True)
+    except Exception as err:  # noqa: BLE001 - a long run survives any bad item; it is recorded
+        return Failed(w.video, w.index, f"failed: {type(err).__name__}: {err}")
 
 
 # ------------------------------------------------------------------------------------------ assembler
