@@ -16,7 +16,6 @@ videos r, r+N, ... (`rank`/`world_size`, else SLURM array or torchrun variables)
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from dynamictrl import config
 from dynamictrl.errors import UserError
+from dynamictrl.utils.device import launcher_world
 from dynamictrl.utils.video import VIDEO_SUFFIXES, read_any, write_video
 
 TIKTOK_TEST = range(335, 340)
@@ -83,16 +83,11 @@ def test_videos(dataset: str, root: str | Path, ids: list[int] | None = None) ->
 
 
 def rank_and_world(cfg: DictConfig) -> tuple[int, int]:
-    """rank/world_size from config, else SLURM array or torchrun variables, else 0/1."""
+    """rank/world_size from config, else the launcher's (SLURM array, torchrun, srun), else 0/1."""
     if cfg.get("rank") is not None and cfg.get("world_size") is not None:
         rank, world = int(cfg.rank), int(cfg.world_size)
-    elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        rank = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        world = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     else:
-        rank, world = 0, 1
+        rank, world = launcher_world()
     if not 0 <= rank < world:
         raise UserError(f"rank {rank} is outside world_size {world}")
     return rank, world

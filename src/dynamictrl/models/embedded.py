@@ -235,7 +235,7 @@ def ensure(path: str | Path | None = None, vae_steps: int | None = None, progres
     if not (path / "model_index.json").is_file():
         print(f"Building the embedded tiny model in {path} (once; seconds with the shipped VAE)")
         build(path, vae_steps=vae_steps, progress=progress)
-    return path
+    return path.resolve()  # absolute: ranks and workers may run from other directories
 
 
 def main(argv: list[str]) -> int:

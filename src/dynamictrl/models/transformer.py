@@ -96,7 +96,9 @@ class DynamiCtrlBlock(CogVideoXBlock):
         if use_pose and self.control == "padaln":
             control, control_gate = self.control_norm1(control_hidden_states, temb)
             norm_hs = norm_hs + control
-            control_hidden_states = control + control_gate * control
+            # The stream keeps the dtype it came in (the patch embedding's: bf16 under autocast or FSDP2's
+            # bf16 params); autocast's LayerNorm returns fp32, which would double its memory in every block.
+            control_hidden_states = (control + control_gate * control).to(control_hidden_states.dtype)
 
         # 2. Joint text-video attention.
         attn_hs, attn_enc = self.attn1(
@@ -220,7 +222,11 @@ class DynamiCtrlTransformer3DModel(CogVideoXTransformer3DModel):
 
     @torch.no_grad()
     def init_pose_branch(self) -> None:
-        """Initialise the pose branch as `pose_init` says: PyTorch defaults, or an exactly-zero output."""
+        """Initialise the pose branch as `pose_init` says: PyTorch defaults, or an exactly-zero output.
+        Not while DeepSpeed ZeRO-3 holds the parameters partitioned (created inside `zero.Init`: each rank
+        has an empty piece); its loader calls this again with them gathered."""
+        if any(hasattr(p, "ds_id") and p.numel() == 0 for p in self.parameters()):
+            return
         for module in self.new_modules().values():
             for m in module.modules():
                 if hasattr(m, "reset_parameters"):
@@ -358,6 +364,14 @@ class DynamiCtrlTransformer3DModel(CogVideoXTransformer3DModel):
                 f"control_hidden_states has shape {tuple(control_hidden_states.shape)}; expected "
                 f"{(batch, frames, self.latent_channels, height, width)}"
             )
+
+        # 0. Inputs in the weights' dtype where no autocast casts them. (FSDP2 is told not to cast inputs,
+        #    so that the RoPE cos/sin stay fp32 as in inference: apply_rotary_emb computes in fp32.)
+        dtype = self.patch_embed.proj.weight.dtype
+        if hidden_states.dtype != dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            hidden_states, encoder_hidden_states = hidden_states.to(dtype), encoder_hidden_states.to(dtype)
+            if control_hidden_states is not None:
+                control_hidden_states = control_hidden_states.to(dtype)
 
         # 1. Timestep (and ofs) embedding.
         t_emb = self.time_proj(timestep).to(dtype=hidden_states.dtype)

@@ -50,6 +50,7 @@ from dynamictrl.preprocess.stages import (
     mask_and_crop,
     pose,
 )
+from dynamictrl.utils.device import launcher_world
 from dynamictrl.utils.video import VIDEO_SUFFIXES
 
 SPLITS = ("train", "val", "test")
@@ -89,15 +90,10 @@ def partition(items: list[Item], rank: int, world_size: int) -> list[Item]:
 
 
 def resolve_rank(cfg: DictConfig) -> tuple[int, int]:
-    """rank/world_size from config, else SLURM array or torchrun variables, else 0/1."""
+    """rank/world_size from config, else the launcher's (SLURM array, torchrun, srun), else 0/1."""
     if cfg.get("rank") is not None and cfg.get("world_size") is not None:
         return int(cfg.rank), int(cfg.world_size)
-    env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        return int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
-    return 0, 1
+    return launcher_world()
 
 
 def build(node: DictConfig | None):

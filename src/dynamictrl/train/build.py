@@ -170,27 +170,71 @@ def random_weights(model: DynamiCtrlTransformer3DModel, device: torch.device | s
 
 
 @torch.no_grad()
-def load_weights_zero3(model: DynamiCtrlTransformer3DModel, folder: str | Path, rank: int) -> None:
-    """Fill a transformer whose parameters DeepSpeed ZeRO-3 partitioned at creation: module by module,
-    rank 0 writes the gathered tensors, DeepSpeed re-partitions them on exit."""
+def load_weights_zero3(model: DynamiCtrlTransformer3DModel, folder: str | Path, rank: int) -> dict[str, list[str]]:
+    """Fill a transformer whose parameters DeepSpeed ZeRO-3 partitioned at creation: the pose branch is
+    initialised with its parameters gathered, then module by module rank 0 writes the checkpoint's
+    tensors into the gathered parameters and DeepSpeed re-partitions them on exit. The checkpoint is
+    checked first, on every rank, as `load_weights` checks it: a tensor the model needs and the files
+    lack (wrong key names) is an error, not a silent random init. Returns the loading report."""
     import deepspeed
     from safetensors import safe_open
 
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in _checkpoint_files(Path(folder))]
     where = {k: h for h in handles for k in h.keys()}
+    params = dict(model.named_parameters())
+    new = tuple(model.new_modules())
+    missing = sorted(k for k in params if k not in where)
+    bad = [k for k in missing if not k.startswith(new)]
+    if bad:
+        raise UserError(f"{folder}: transformer weights lack {len(bad)} tensors the model needs (first: {bad[0]})")
+    init_pose_branch_zero3(model, rank)  # overwritten below where the checkpoint has the pose branch
     for prefix, module in model.named_modules():
-        params = dict(module.named_parameters(recurse=False))
-        if not params:
+        local = dict(module.named_parameters(recurse=False))
+        keys = {leaf: f"{prefix}.{leaf}" if prefix else leaf for leaf in local}
+        if not any(k in where for k in keys.values()):
             continue
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        with deepspeed.zero.GatheredParameters(list(local.values()), modifier_rank=0):
             if rank != 0:
                 continue
-            for leaf, p in params.items():
-                key = f"{prefix}.{leaf}" if prefix else leaf
-                if key in where:
-                    _copy(p, where[key].get_slice(key), key, model)
-                elif hasattr(module, "reset_parameters"):  # the pose branch of a base checkpoint
-                    module.reset_parameters()
+            for leaf, p in local.items():
+                if keys[leaf] in where:
+                    _copy(p, where[keys[leaf]].get_slice(keys[leaf]), keys[leaf], model)
+    return {"missing_keys": missing, "unexpected_keys": sorted(k for k in where if k not in params)}
+
+
+@torch.no_grad()
+def init_pose_branch_zero3(model: DynamiCtrlTransformer3DModel, rank: int) -> None:
+    """`init_pose_branch` on a ZeRO-3 partitioned model: rank 0 initialises the gathered pose branch (and
+    the patch embedding, whose pose columns UVT zeroes); DeepSpeed re-partitions it on exit."""
+    import deepspeed
+
+    new = tuple(model.new_modules())
+    branch = [p for k, p in model.named_parameters() if k.startswith(new)] + list(model.patch_embed.parameters())
+    with deepspeed.zero.GatheredParameters(branch, modifier_rank=0):
+        if rank == 0:
+            model.init_pose_branch()
+
+
+def outside_zero_init():
+    """A context in which modules are built whole, even inside DeepSpeed's `zero.Init` (Lightning runs
+    `configure_model` in it under ZeRO-3): the frozen VAE and T5 must not be partitioned, or the VAE's
+    encode fails on its empty pieces."""
+    import contextlib
+
+    try:
+        from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
+    except ImportError:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def whole():
+        shutdown_init_context()
+        try:
+            yield
+        finally:
+            restore_init_context()
+
+    return whole()
 
 
 def frozen_dtype(name: str, precision: str) -> torch.dtype:

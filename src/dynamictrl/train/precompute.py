@@ -40,7 +40,7 @@ from dynamictrl.data.shards import decode_sample, list_shards
 from dynamictrl.errors import UserError
 from dynamictrl.models import latents as Z
 from dynamictrl.train.build import EMPTY_TEXT, save_npy
-from dynamictrl.utils.device import local_device
+from dynamictrl.utils.device import launcher_world, local_device
 
 
 def _npy(x: np.ndarray) -> bytes:
@@ -52,11 +52,7 @@ def _npy(x: np.ndarray) -> bytes:
 def rank_and_world(cfg: DictConfig) -> tuple[int, int]:
     if cfg.get("world_size"):
         return int(cfg.rank), int(cfg.world_size)
-    env = os.environ
-    for r, w in (("SLURM_PROCID", "SLURM_NTASKS"), ("RANK", "WORLD_SIZE")):
-        if r in env and w in env:
-            return int(env[r]), int(env[w])
-    return 0, 1
+    return launcher_world()
 
 
 def load_encoders(path: str, device: str):
