@@ -37,6 +37,39 @@ def test_measured_activations_extrapolate_over_blocks_as_a_direct_run_measures()
     assert peaks[True] < peaks[False]
 
 
+def test_the_frozen_vae_is_counted_in_the_dtype_it_loads_in():
+    """module.encoder_dtype decides the VAE's bytes (build.frozen_dtype), whatever the precision."""
+    tiny = plan.count(config.load("train", ["data.train_shards=x"]))
+    for precision, dtype, size in (("32-true", "bfloat16", 2), ("32-true", "float32", 4), ("32-true", "auto", 4),
+                                   ("bf16-mixed", "auto", 2), ("bf16-mixed", "float32", 4)):  # fmt: skip
+        cfg = config.load("train", ["data.train_shards=x", f"trainer.precision={precision}",
+                                    f"module.encoder_dtype={dtype}"])  # fmt: skip
+        p = plan.make_plan(cfg, "cpu", 1, (1, 1, 1), 1, precomputed=False, measure=False, counts=tiny)
+        assert p.rows["VAE (frozen)"] == size * tiny.vae, (precision, dtype)
+        assert p.rows["T5 (frozen; not loaded with precomputed shards)"] == size * tiny.t5
+
+
+def test_strategies_are_classified_by_what_they_build_not_by_their_target_name():
+    from omegaconf import OmegaConf
+
+    def kind(strategy, accelerator="gpu"):
+        return plan.strategy_kind(OmegaConf.create({"accelerator": accelerator, "strategy": strategy}))
+
+    fsdp_yaml = OmegaConf.load(config.conf_dir() / "trainer" / "fsdp.yaml").strategy
+    assert kind(fsdp_yaml) == "fsdp"
+    assert kind(OmegaConf.merge(fsdp_yaml, {"_target_": "dynamictrl.train.strategies.FSDP2Strategy"})) == "fsdp"
+    deepspeed = "lightning.pytorch.strategies.DeepSpeedStrategy"
+    assert kind({"_target_": deepspeed, "config": {"zero_optimization": {"stage": 3}}}) == "zero3"
+    assert kind({"_target_": deepspeed, "config": {"zero_optimization": {"stage": 2}}}) == "zero2"
+    assert kind({"_target_": deepspeed, "stage": 3}) == "zero3"  # Lightning builds the config from `stage`
+    assert kind({"_target_": "dynamictrl.train.strategies.deepspeed", "stage": 3, "offload_params": True}) == "zero3"
+    assert kind({"_target_": "lightning.pytorch.strategies.DDPStrategy"}) == "ddp"
+    assert kind("ddp") == kind("ddp_find_unused_parameters_true") == "ddp"  # Lightning's registry names
+    assert kind("deepspeed_stage_3_offload") == "zero3"
+    assert kind(None) == "single" and kind(None, "cpu") == "cpu"
+    assert kind({"_target_": "lightning.pytorch.strategies.SingleDeviceStrategy", "device": "cpu"}, "cpu") == "cpu"
+
+
 def test_a_config_that_cannot_hold_5b_refuses_it_with_one_line_naming_a_config_that_fits():
     for trainer in ("gpu", "ddp"):
         cfg = config.load("train", [*FIVE_B, f"trainer={trainer}", "gpu_gb=80"])
@@ -61,19 +94,37 @@ def test_the_train_app_refuses_before_loading_anything(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_runs_its_whole_path_on_cpu_with_the_tiny_model(tmp_path):
-    """scripts/gpu_check.sh --tiny: skeleton folder (configs only), random weights, synthetic
-    precomputed shards, trainer=fsdp through the train app, and the results file beside the plan."""
+    """scripts/gpu_check.sh --tiny: skeleton folders (configs only) at two depths, random weights, synthetic
+    precomputed shards, trainer=fsdp through the train app in a process per run, and the report: both runs
+    measured, the per-block line through them and its extrapolation to the full depth beside the plan."""
     import json
+    import re
 
     from dynamictrl.train import gpu_check
 
     out = tmp_path / "gpu-check.md"
-    result = gpu_check.main(["--tiny", "--steps", "3", "--out", str(out), "--work", str(tmp_path / "work")])
-    assert result["steps"] == 3 and result["step_s_median"] > 0 and result["step_tflop"] > 0
-    assert result["plan_gb"] > 0 and result["peak_allocated_gb"] > 0
-    assert not (tmp_path / "work" / "train" / "checkpoints" / "last.ckpt").exists()  # final_save=false
+    args = ["--tiny", "--steps", "3", "--blocks", "3", "--out", str(out), "--work", str(tmp_path / "work")]
+    result = gpu_check.main(args)  # K = 3 of the tiny model's 4 blocks (and K' = 1): the 4-block row is extrapolated
+    small, large = result["runs"]
+    assert (small["blocks"], large["blocks"], result["layers"]) == (1, 3, 4)
+    for run in (small, large):
+        assert run["step_s_median"] > 0 and run["peak_gb"] > 0 and run["step_tflop"] > 0 and run["plan"]["total"] > 0
+    assert large["plan"]["total"] > small["plan"]["total"] and large["step_tflop"] > small["step_tflop"]
+    full, per, fixed = result["extrapolated"], result["per_block"], result["fixed"]
+    assert per["peak_gb"] == pytest.approx((large["peak_gb"] - small["peak_gb"]) / 2)
+    assert full["peak_gb"] == pytest.approx(fixed["peak_gb"] + 4 * per["peak_gb"])
+    assert full["step_s"] == pytest.approx(large["step_s_median"] + (large["step_s_median"] - small["step_s_median"]) / 2)
+    assert full["plan"]["total"] == pytest.approx(large["plan"]["total"] + per["plan_gb"], rel=0.01)  # linear in blocks
+    assert per["plan_gb"] == pytest.approx(per["plan_state_gb"] + per["plan_activations_gb"]) and per["plan_state_gb"] > 0
+    assert not (tmp_path / "work" / "train-3" / "checkpoints" / "last.ckpt").exists()  # final_save=false
     text = out.read_text()
-    assert "| peak memory GB |" in text and "MEASURED" in text
+    number = r"-?\d+\.\d+"
+    for row in (rf"\| measured \| 1 \| {number} \| {number} \|", rf"\| measured \| 3 \| {number} \| {number} \|",
+                rf"\| per block \(derived: slope of the two runs\) \| 1 \| {number} \| {number} \(state {number} "
+                rf"\+ activations {number}\)", rf"\| fixed part \(derived: the line at 0 blocks\) \| 0 \| {number}",
+                rf"\| extrapolated, full model \| 4 \| {number} \| {number} \|"):  # fmt: skip
+        assert re.search(row, text), row
+    assert "MEASURED on the CPU" in text and "EXTRAPOLATED, not run" in text and "NOT comparable with the plan" in text
     assert json.loads(out.with_suffix(".json").read_text())["clip"] == [9, 96, 64]
 
 

@@ -1,14 +1,17 @@
-"""GPU check: the full-size 5B DynamiCtrl with random weights trains N steps under trainer=fsdp on one
-GPU, and the measured step time, peak memory and MFU are written beside the memory plan's prediction.
+"""GPU check: CogVideoX1.5-5B-I2V's architecture with random weights trains under trainer=fsdp on ONE
+GPU, without any offload, at the full clip (37 x 768 x 1360 by default), with as many of its 42
+blocks as the memory plan says fit (K) and with half of those (K'). The two runs' step time and peak
+memory give the figures per block and the fixed part, extrapolated to 42 blocks beside the plan's
+figure for 42.
 
-    python -m dynamictrl.train.gpu_check [--steps 8] [--frames 37] [--height 768] [--width 1360] [--out FILE]
+    python -m dynamictrl.train.gpu_check [--steps 8] [--frames 37] [--height 768] [--width 1360] [--blocks K] [--out FILE]
     python -m dynamictrl.train.gpu_check --tiny      # the same path with the tiny model on CPU (a smoke test)
 
-No weight files are needed: a skeleton pipeline folder holds only the configs (transformer, VAE,
-scheduler; `module.weights=random`), and synthetic precomputed shards at the clip size feed the real
-data path (T5 is never loaded). On a GPU whose memory the plan says cannot hold the sharded state
-(FSDP over one GPU shards nothing: ~92 GB at 5B), FSDP's CPU offload is switched on, and if even then
-the clip does not fit, the frame count steps down (8 at a time) to the largest that does.
+No weight files are needed: a skeleton pipeline folder per depth holds only the configs (transformer
+with K blocks, VAE, scheduler; `module.weights=random`), and synthetic precomputed shards at the clip
+size feed the real data path (T5 is never loaded). K is the largest depth whose plan (state counted
+per block, activations measured under fake tensors) fits 90% of the GPU. Each run trains in a process
+of its own, so its peak memory is its own; a run that runs out of memory is retried with fewer blocks.
 """
 
 from __future__ import annotations
@@ -20,28 +23,39 @@ import json
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dynamictrl.errors import UserError
 
-def skeleton(folder: Path, model_cfg: Any) -> Path:
-    """A pipeline folder with configs only (no weights): transformer, VAE and scheduler."""
+GB = 1e9
+WARMUP = 2  # steps left out of the median: the first has no step time, the second warms the allocator and kernels
+
+
+def skeleton(folder: Path, model_cfg: Any, layers: int) -> Path:
+    """A pipeline folder with configs only (no weights): the transformer with `layers` blocks, the VAE,
+    the scheduler and T5's config (what the plan counts)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler
+    from transformers import T5Config
 
     from dynamictrl.models import embedded
     from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
-    from dynamictrl.train.plan import model_architecture
+    from dynamictrl.train.plan import T5_XXL, model_architecture
 
     tiny = "transformer" not in model_cfg.model
     with torch.device("meta"):
-        DynamiCtrlTransformer3DModel(**model_architecture(model_cfg)).save_config(folder / "transformer")
+        arch = model_architecture(model_cfg) | {"num_layers": layers}
+        DynamiCtrlTransformer3DModel(**arch).save_config(folder / "transformer")
         # CogVideoX 1.5's VAE is diffusers' default architecture, with its image-latent scaling
         vae = AutoencoderKLCogVideoX(**embedded.VAE) if tiny else AutoencoderKLCogVideoX(invert_scale_latents=True,
                                                                                         scaling_factor=0.7)  # fmt: skip
         vae.save_config(folder / "vae")
+    (T5Config(vocab_size=300, **embedded.T5) if tiny else T5Config(**T5_XXL)).save_pretrained(folder / "text_encoder")
     CogVideoXDPMScheduler(**embedded.SCHEDULER).save_config(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "DynamiCtrlPipeline", "note": "configs only"}))
     return folder
@@ -76,59 +90,129 @@ def synthetic_shards(folder: Path, n: int, frames: int, height: int, width: int,
     return folder
 
 
+def train_once(overrides: list[str]) -> dict[str, Any]:
+    """One training run through the train app (in a process of its own): step times after warm-up and
+    the peak memory (CUDA max allocated; on CPU the process's peak resident set), in GB of 1e9 bytes."""
+    import resource
+
+    from dynamictrl import config
+    from dynamictrl.train.run import run as train
+
+    cfg = config.load("train", overrides)
+    try:
+        out = train(cfg)
+    except torch.OutOfMemoryError as e:
+        return {"oom": str(e).splitlines()[0]}
+    rows = list(csv.DictReader(open(out["metrics_csv"])))
+    step_s = [float(r["perf/step_s"]) for r in rows if r.get("perf/step_s")][WARMUP - 1 :]
+    cuda = cfg.trainer.accelerator != "cpu"
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"step_s": step_s, "step_s_median": statistics.median(step_s), "peak_gb": peak / GB}
+
+
+def _line(runs: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    """(slope per block, value at 0 blocks) of the line through two runs' `key`."""
+    (k1, v1), (k2, v2) = ((r["blocks"], r[key]) for r in runs)
+    slope = (v2 - v1) / (k2 - k1)
+    return slope, v1 - slope * k1
+
+
+def in_own_process(overrides: list[str]) -> dict[str, Any]:
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(train_once, overrides).result()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from dynamictrl import config
     from dynamictrl.train import plan
     from dynamictrl.train.bench import PEAK_BF16
-    from dynamictrl.train.run import run as train
 
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
-        raise SystemExit("gpu_check: no CUDA device here (use --tiny for the CPU smoke test)")
-    model = ["model=tiny"] if args.tiny else ["model=cogvideox1.5-5b-i2v"]
-    trainer = ["trainer=fsdp", "trainer.devices=1"] + (
-        [] if cuda else ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.strategy.param_dtype=null"])
-    frames, height, width = (9, 96, 64) if args.tiny else (args.frames, args.height, args.width)
+        raise UserError("gpu_check: no CUDA device here (use --tiny for the CPU smoke test)")
+    if args.steps <= WARMUP:
+        raise UserError(f"gpu_check: --steps {args.steps}: give more than {WARMUP} (the first {WARMUP} warm up)")
+    common = ["model=tiny" if args.tiny else "model=cogvideox1.5-5b-i2v", "trainer=fsdp", "trainer.devices=1",
+              "module.gradient_checkpointing=true"]  # every depth as the full model trains: checkpointed per block
+    if not cuda:
+        common += ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.strategy.param_dtype=null"]
+    clip = (9, 96, 64) if args.tiny else (args.frames, args.height, args.width)
     root = Path(args.work or tempfile.mkdtemp(prefix="dynamictrl-gpu-check-"))
-    base = config.load("train", [*model, *trainer, "data.train_shards=x"])
-    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if cuda else 1e9
-    clip_plan = lambda c, f: plan.make_plan(c, "fsdp", 1, (f, height, width), 1, True)  # noqa: E731
-    predicted = clip_plan(base, frames)
-    offload = []
-    if cuda and not predicted.fits(gpu_gb):
-        offload = ["trainer.strategy.cpu_offload=true"]
-        base = config.load("train", [*model, *trainer, *offload, "data.train_shards=x"])
-        predicted = clip_plan(base, frames)
-        while not predicted.fits(gpu_gb) and frames > 9:
-            frames -= 8
-            predicted = clip_plan(base, frames)
-    arch = plan.model_architecture(base)
-    stride = 4 if args.tiny else 8
-    shards = synthetic_shards(root / "shards", args.steps + 2, frames, height, width, arch, stride)
-    model_dir = skeleton(root / "model", base)
-    out = root / "train"
-    overrides = [*model, *trainer, *offload, f"model.path={model_dir}", "module.weights=random",
-                 f"data.train_shards={shards}", f"data.num_frames={frames}", "data.num_workers=0",
-                 "data.batch_size=1", f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=1",
-                 "trainer.enable_progress_bar=false", "logger=csv", "samples.every_n_steps=0",
-                 "checkpoint_every=100000", "keep_checkpoints=0", "final_save=false", f"output={out}"]  # fmt: skip
-    start = time.perf_counter()
-    train(config.load("train", overrides))
-    wall = time.perf_counter() - start
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
-    step_s = [float(r["perf/step_s"]) for r in rows if r.get("perf/step_s")][1:]  # the first includes warm-up
-    peak = max(float(r["perf/peak_mem_gb"]) for r in rows if r.get("perf/peak_mem_gb"))
-    flops = plan.step_flops(base, (frames, height, width), 1)
+    base = config.load("train", [*common, "data.train_shards=x"])
+    layers = int(plan.model_architecture(base)["num_layers"])
     name = torch.cuda.get_device_name() if cuda else "cpu"
+    gpu_gb = torch.cuda.get_device_properties(0).total_memory / GB if cuda else 1e9
+
+    def at_depth(n: int, *extra: str) -> list[str]:
+        folder = skeleton(root / f"model-{n}", base, n)
+        depth = [f"model.transformer.num_layers={n}"] if "transformer" in base.model else []
+        return [*common, f"model.path={folder}", *depth, *extra]
+
+    # The plan per depth: state counted from the model with n blocks, activations (and FLOPs) a + b * n
+    # from fake runs with 2 and 3 blocks at the full clip.
+    acts = plan.by_blocks(base, clip, 1, checkpointing=True)
+    flops = plan.by_blocks(base, clip, 1, checkpointing=False, count_flops=True)["flops"]
+
+    def activations(n: int) -> float:  # the step's peak: the transformer's, or the reference encode's before it
+        return max(acts["transformer"][0] + acts["transformer"][1] * n, acts["vae"][0])
+
+    def plan_at(n: int) -> dict[str, float]:
+        act = activations(n)
+        p = plan.make_plan(config.load("train", at_depth(n, "data.train_shards=x")), "fsdp", 1, clip, 1,
+                           precomputed=True, activations={True: act})  # fmt: skip
+        return {"total": p.total() / GB, "state": sum(p.rows.values()) / GB, "activations": act / GB}
+
+    two, three = plan_at(2), plan_at(3)
+    state_block = three["state"] - two["state"]  # weights, grads and AdamW of one block (the rest is fixed)
+
+    def planned(n: int) -> float:
+        return two["state"] + state_block * (n - 2) + activations(n) / GB
+
+    blocks = args.blocks or next((n for n in range(layers, 1, -1) if planned(n) <= plan.MARGIN * gpu_gb), 0)
+    if blocks < 2:
+        raise UserError(f"gpu_check: K={blocks} blocks: needs 2 or more (by the plan 2 blocks take "
+                        f"{planned(2):.1f} GB of {gpu_gb:.0f})")  # fmt: skip
+
+    shards = synthetic_shards(root / "shards", args.steps + 2, *clip, plan.model_architecture(base), 4 if args.tiny else 8)
+    train = ["module.weights=random", f"data.train_shards={shards}", f"data.num_frames={clip[0]}", "data.num_workers=0",
+             "data.batch_size=1", f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=1",
+             "trainer.enable_progress_bar=false", "logger=csv", "samples.every_n_steps=0", "checkpoint_every=100000",
+             "keep_checkpoints=0", "final_save=false"]  # fmt: skip
+    measure = lambda n: in_own_process(at_depth(n, *train, f"output={root / f'train-{n}'}")) | {"blocks": n}  # noqa: E731
+    notes: list[str] = []
+    start = time.perf_counter()
+    large = measure(blocks)  # the larger depth first: if the plan overshoots, it is the one to run out of memory
+    while "oom" in large:
+        notes.append(f"{blocks} blocks ran out of GPU memory ({large['oom']}); retried with fewer")
+        if len(notes) == 3 or blocks <= 3:
+            raise UserError(f"gpu_check: out of GPU memory down to {blocks} blocks: the plan overestimates what fits")
+        blocks -= max(1, blocks // 8)
+        large = measure(blocks)
+    small = measure(max(1, blocks // 2))
+    if "oom" in small:
+        raise UserError(f"gpu_check: {small['blocks']} blocks ran out of GPU memory after {blocks} did not")
+    runs = [small, large]
     peak_flops = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    median = statistics.median(step_s) if step_s else float("nan")
-    result = {"device": name, "model": str(base.model.name), "clip": [frames, height, width], "steps": args.steps,
-              "trainer": "fsdp, 1 GPU" + (", cpu_offload" if offload else ""), "step_s_median": median,
-              "peak_allocated_gb": peak, "plan_gb": predicted.total() / 1e9,
-              "plan_rows_gb": {k: v / 1e9 for k, v in predicted.rows.items()},
-              "plan_activations_gb": predicted.activations[predicted.checkpointing] / 1e9,
-              "step_tflop": flops / 1e12, "mfu": flops / median / peak_flops if peak_flops and step_s else None,
-              "wall_s": wall, "plan_source": predicted.source}  # fmt: skip
+    for r in runs:
+        r["plan"] = plan_at(r["blocks"])
+        r["step_tflop"] = (flops[0] + flops[1] * r["blocks"]) / 1e12
+        r["mfu"] = r["step_tflop"] * 1e12 / r["step_s_median"] / peak_flops if peak_flops else None
+
+    # Every block has the same shape: the line through the two runs gives the figures per block and the fixed part.
+    mem_b, mem_0 = _line(runs, "peak_gb")
+    time_b, time_0 = _line(runs, "step_s_median")
+    full_tflop, full_s = (flops[0] + flops[1] * layers) / 1e12, time_0 + time_b * layers
+    result = {"device": name, "device_gb": gpu_gb, "model": str(base.model.name), "layers": layers,
+              "clip": list(clip), "steps": args.steps, "trainer": "fsdp, 1 GPU, no offload, checkpointing per block",
+              "runs": runs, "notes": notes, "wall_s": time.perf_counter() - start, "blocks_given": bool(args.blocks),
+              "per_block": {"peak_gb": mem_b, "step_s": time_b, "step_tflop": flops[1] / 1e12,
+                            "plan_gb": state_block + acts["transformer"][1] / GB, "plan_state_gb": state_block,
+                            "plan_activations_gb": acts["transformer"][1] / GB},
+              "fixed": {"peak_gb": mem_0, "step_s": time_0, "step_tflop": flops[0] / 1e12,
+                        "plan_gb": two["state"] - 2 * state_block + acts["transformer"][0] / GB},
+              "extrapolated": {"blocks": layers, "peak_gb": mem_0 + mem_b * layers, "step_s": full_s,
+                               "step_tflop": full_tflop, "plan": plan_at(layers),
+                               "mfu": full_tflop * 1e12 / full_s / peak_flops if peak_flops and full_s > 0 else None}}  # fmt: skip
     write(result, Path(args.out))
     if not args.work:
         import shutil
@@ -138,19 +222,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write(r: dict[str, Any], path: Path) -> None:
-    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no bf16 peak known for this device)"
-    ratio = r["peak_allocated_gb"] / r["plan_gb"] if r["plan_gb"] else float("nan")
-    peak_note = ("GPU: torch.cuda.max_memory_allocated" if r["device"] != "cpu"
-                 else "CPU smoke run: process peak RSS, not comparable with the plan")  # fmt: skip
-    lines = [f"# GPU check: {r['model']}, random weights, {r['trainer']}", "",
-             f"Device: {r['device']}. Clip {r['clip'][0]} x {r['clip'][1]} x {r['clip'][2]}, batch 1, "
-             f"{r['steps']} steps (precomputed-format synthetic shards; T5 not loaded).", "",
-             "| | measured | plan |", "|---|---|---|",
-             f"| peak memory GB | {r['peak_allocated_gb']:.1f} ({peak_note}) | {r['plan_gb']:.1f} (ratio {ratio:.2f}) |",
-             f"| median step s | {r['step_s_median']:.3f} | - |",
-             f"| MFU (bf16 dense peak) | {mfu} | {r['step_tflop']:.3g} TFLOP a step (FlopCounterMode, no recompute) |",
-             "", "Plan rows (GB): " + ", ".join(f"{k} {v:.1f}" for k, v in r["plan_rows_gb"].items())
-             + f", activations {r['plan_activations_gb']:.1f}.", "", r["plan_source"] + ".", ""]  # fmt: skip
+    cpu = r["device"] == "cpu"
+    mfu = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    (small, large), per, fixed, full = r["runs"], r["per_block"], r["fixed"], r["extrapolated"]
+    where = "CPU (smoke test: the tiny model)" if cpu else f"{r['device']} ({r['device_gb']:.1f} GB)"
+    peak_what = ("the process's peak resident set, NOT comparable with the plan" if cpu else
+                 "torch.cuda.max_memory_allocated of the run's own process")  # fmt: skip
+    lines = [f"# GPU check: {r['model']} architecture, random weights, trainer=fsdp on one device, no offload", "",
+             f"Device: {where}. Clip {' x '.join(map(str, r['clip']))} (full width and height), batch 1, "
+             f"gradient checkpointing per block, synthetic precomputed shards (T5 not loaded), {r['steps']} steps a "
+             f"run; step time is the median after the first {WARMUP} steps.", "",
+             f"The full model ({r['layers']} blocks) needs {full['plan']['total']:.1f} GB by the plan; the check "
+             f"trains the same architecture with {large['blocks']} blocks ("
+             + ("given by --blocks" if r["blocks_given"] else "the most whose plan fits 90% of the device")
+             + f") and with {small['blocks']}.", "",
+             "| | blocks | peak memory GB | plan GB | median step s | TFLOP a step | MFU |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in (small, large):
+        lines.append(f"| measured | {run['blocks']} | {run['peak_gb']:.2f} | {run['plan']['total']:.2f} | "
+                     f"{run['step_s_median']:.3f} | {run['step_tflop']:.3g} | {mfu(run['mfu'])} |")  # fmt: skip
+    lines += [f"| per block (derived: slope of the two runs) | 1 | {per['peak_gb']:.3f} | {per['plan_gb']:.3f} "
+              f"(state {per['plan_state_gb']:.3f} + activations {per['plan_activations_gb']:.3f}) | "
+              f"{per['step_s']:.4f} | {per['step_tflop']:.3g} | - |",
+              f"| fixed part (derived: the line at 0 blocks) | 0 | {fixed['peak_gb']:.2f} | {fixed['plan_gb']:.2f} | "
+              f"{fixed['step_s']:.3f} | {fixed['step_tflop']:.3g} | - |",
+              f"| extrapolated, full model | {full['blocks']} | {full['peak_gb']:.1f} | {full['plan']['total']:.1f} | "
+              f"{full['step_s']:.2f} | {full['step_tflop']:.3g} | {mfu(full['mfu'])} |", "",
+              f"- MEASURED on {'the CPU' if cpu else r['device']}: the two `measured` rows' peak memory "
+              f"({peak_what}; GB = 1e9 bytes) and step time (wall time between step ends, data loading included).",
+              "- DERIVED: `per block` and `fixed part` are the straight line through the two measured runs; it "
+              "assumes each block adds the same memory and time (all blocks have one shape).",
+              (f"- EXTRAPOLATED, not run: the `{full['blocks']}` row is fixed part + {full['blocks']} x per block; "
+               "its plan figure is the plan's own for the full model." if large["blocks"] < full["blocks"] else
+               f"- The full model ran: the `{full['blocks']}` row is the measured one, through the line."),
+              "- Plan (`python -m dynamictrl.train.plan`): trainer=fsdp on 1 GPU at each depth, the state counted "
+              "from the parameters, activations measured under FakeTensorMode with MemTracker (2- and 3-block "
+              "runs, linear in blocks). TFLOP a step: FlopCounterMode over the same fake step (model FLOPs, no "
+              "recomputation), linear in blocks; MFU against the device's bf16 dense peak.", ""]  # fmt: skip
+    if r["notes"]:
+        lines += [f"Note: {n}." for n in r["notes"]] + [""]
+    if not cpu:
+        lines += [f"At {full['blocks']} blocks: {full['peak_gb']:.1f} GB extrapolated from the measurements against "
+                  f"{full['plan']['total']:.1f} GB planned (ratio {full['peak_gb'] / full['plan']['total']:.2f}); "
+                  f"per block {per['peak_gb']:.3f} against {per['plan_gb']:.3f} GB.", ""]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     path.with_suffix(".json").write_text(json.dumps(r, indent=1))
@@ -163,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--frames", type=int, default=37)
     p.add_argument("--height", type=int, default=768)
     p.add_argument("--width", type=int, default=1360)
+    p.add_argument("--blocks", type=int, default=None, help="K, the larger depth (default: the most the plan fits)")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test of this script")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", default="docs/gpu-check.md")
@@ -170,4 +284,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    try:
+        main()
+    except UserError as e:
+        sys.exit(str(e))

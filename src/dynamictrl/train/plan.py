@@ -142,13 +142,23 @@ def _frozen_meta(cfg: DictConfig):
 
 # 2. What each trainer config keeps on a GPU.
 def strategy_kind(trainer: DictConfig) -> str:
-    """cpu | single | ddp | fsdp | zero2 | zero3 from a trainer config."""
-    target = str((trainer.get("strategy") or {}).get("_target_", ""))
-    if target.endswith("strategies.fsdp"):
+    """cpu | single | ddp | fsdp | zero2 | zero3: what the trainer config's strategy object is (built
+    from its `_target_`, or Lightning's registry for a name like `ddp`; nothing is set up)."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
+
+    from dynamictrl.train.strategies import FSDP2Strategy
+
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, DictConfig):
+        strategy = instantiate(strategy, _convert_="all")
+    elif isinstance(strategy, str) and strategy in StrategyRegistry:
+        strategy = StrategyRegistry.get(strategy)
+    if isinstance(strategy, FSDP2Strategy):
         return "fsdp"
-    if target.endswith("strategies.deepspeed"):
-        return "zero3" if int(trainer.strategy.get("stage", 2)) == 3 else "zero2"
-    if "DDPStrategy" in target:
+    if isinstance(strategy, DeepSpeedStrategy):  # before DDP: Lightning's DeepSpeedStrategy is a DDPStrategy
+        return "zero3" if int(strategy.config["zero_optimization"]["stage"]) == 3 else "zero2"
+    if isinstance(strategy, DDPStrategy):
         return "ddp"
     return "cpu" if trainer.get("accelerator") == "cpu" else "single"
 
@@ -320,11 +330,13 @@ def _module_peak(tracker: Any, module: torch.nn.Module) -> float:
 def make_plan(cfg: DictConfig, trainer_name: str, gpus: int, clip: tuple[int, int, int], batch: int,
               precomputed: bool, measure: bool = True, counts: Counts | None = None,
               activations: dict[bool, float] | None = None) -> Plan:  # fmt: skip
+    from dynamictrl.train.build import frozen_dtype
+
     kind = strategy_kind(cfg.trainer)
     c = counts or count(cfg)
     n = 1 if kind in ("cpu", "single") else gpus
     rows, host = state_rows(kind, c, n, cfg)
-    enc = 2 if "bf16" in str(cfg.trainer.get("precision")) and cfg.module.get("encoder_dtype", "auto") == "auto" else 4
+    enc = frozen_dtype(str(cfg.module.get("encoder_dtype", "auto")), str(cfg.trainer.get("precision"))).itemsize
     rows["VAE (frozen)"] = enc * c.vae
     if not precomputed:
         rows["T5 (frozen; not loaded with precomputed shards)"] = enc * c.t5
@@ -343,12 +355,22 @@ def make_plan(cfg: DictConfig, trainer_name: str, gpus: int, clip: tuple[int, in
 
 def activations_by_scaling(cfg: DictConfig, clip: tuple[int, int, int], batch: int, checkpointing: bool) -> float:
     """Activation bytes of the full model from measured runs with 2 and 3 of its blocks: from the
-    second block on every block adds the same (its saved inputs with checkpointing: bf16 video tokens
-    and the pose stream, fp32 after autocast's LayerNorm; its whole activations without), so the
+    second block on every block adds the same (its saved inputs with checkpointing: the video tokens
+    and the pose stream, both in the compute dtype; its whole activations without), so the
     transformer's peak is a + b * layers; the step's peak is the larger of that and the VAE's (the
     reference encode comes first). (A 42-block fake run takes minutes on 2 CPU cores; this, seconds.)"""
     full = scaled(cfg, clip, batch, checkpointing)
     return max(full["transformer"], full["vae"])
+
+
+def by_blocks(cfg: DictConfig, clip: tuple[int, int, int], batch: int, checkpointing: bool,
+              count_flops: bool = False) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """Each figure of `measure_activations` as (a, b): with n of the model's blocks it is a + b * n,
+    from runs with 2 and 3 blocks (the VAE's b is 0: it runs before the transformer)."""
+    two, three = (measure_activations(cfg, *clip, batch, checkpointing, num_layers=n, count_flops=count_flops)
+                  for n in (2, 3))  # fmt: skip
+    slope = {k: 0.0 if k == "vae" else three[k] - two[k] for k in three}
+    return {k: (three[k] - 3 * slope[k], slope[k]) for k in three}
 
 
 def scaled(cfg: DictConfig, clip: tuple[int, int, int], batch: int, checkpointing: bool,
@@ -358,9 +380,7 @@ def scaled(cfg: DictConfig, clip: tuple[int, int, int], batch: int, checkpointin
     layers = int(model_architecture(cfg)["num_layers"])
     if layers <= 3:
         return measure_activations(cfg, *clip, batch, checkpointing, count_flops=count_flops)
-    two, three = (measure_activations(cfg, *clip, batch, checkpointing, num_layers=n, count_flops=count_flops)
-                  for n in (2, 3))  # fmt: skip
-    return {k: three[k] + (three[k] - two[k]) * (layers - 3) if k != "vae" else three[k] for k in three}
+    return {k: a + b * layers for k, (a, b) in by_blocks(cfg, clip, batch, checkpointing, count_flops).items()}
 
 
 def step_flops(cfg: DictConfig, clip: tuple[int, int, int], batch: int) -> float:
