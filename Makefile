@@ -3,18 +3,27 @@ PY := .venv/bin/python
 ARGS ?=
 # make setup GPU=1: onnxruntime-gpu in place of the CPU build (DWPose on the GPU)
 GPU ?= 0
-export PYTHONWARNINGS ?= ignore
+# make setup CUDA=cu126: torch and torchvision from PyTorch's index for that CUDA version instead of PyPI's
+# CUDA 13 build (README: the driver each needs); TORCH_INDEX=URL: from another index (a mirror). The choice
+# is kept in .venv/torch-index.txt, so later makes keep it; CUDA=pypi goes back to PyPI's build.
+CUDA ?=
+TORCH_RECORDED := $(shell cat .venv/torch-index.txt 2>/dev/null)
+TORCH_INDEX ?= $(if $(filter pypi,$(CUDA)),,$(if $(CUDA),https://download.pytorch.org/whl/$(CUDA),$(TORCH_RECORDED)))
+TORCH_SWITCH := $(filter-out $(TORCH_RECORDED),$(TORCH_INDEX))$(filter-out $(TORCH_INDEX),$(TORCH_RECORDED))
 export GLOG_minloglevel ?= 2
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: help setup demo ablation test preprocess precompute train animate eval bench lint clean
+.PHONY: help setup demo ablation test preprocess precompute train animate eval bench lint clean torch-switch rehearse gpu-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-.venv.stamp: pyproject.toml constraints.txt
+# another torch build than the installed one: set up again, replacing torch and torchvision
+.venv.stamp: pyproject.toml constraints.txt $(if $(TORCH_SWITCH),torch-switch)
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
+	$(if $(and $(TORCH_SWITCH),$(wildcard .venv.stamp)),.venv/bin/pip uninstall -q -y torch torchvision)
+	$(if $(TORCH_INDEX),.venv/bin/pip install -q -c constraints.txt --index-url $(TORCH_INDEX) torch torchvision)
 	.venv/bin/pip install -q -c constraints.txt -e ".[backends,dev]"
 	@# SAM 2 ships as an sdist whose build wants torch: build it against ours, without its CUDA extension
 	@# (only a post-processing kernel; sam2 runs without it).
@@ -23,6 +32,7 @@ help: ## list the targets
 	@# so its strategy is built and tested here on CPU.
 	DS_BUILD_OPS=0 .venv/bin/pip install -q -c constraints.txt --no-build-isolation \
 		"deepspeed==0.19.8" hjson msgpack ninja py-cpuinfo einops
+	echo "$(TORCH_INDEX)" > .venv/torch-index.txt
 	touch .venv.stamp
 
 # rtmlib pulls the CPU onnxruntime; both builds provide the same module, so the CPU one goes first.
@@ -60,7 +70,10 @@ eval: setup ## ARGS="generated=DIR reference=DIR output=DIR"
 lint: setup ## ruff
 	$(PY) -m ruff check src tests pipelines
 
-gpu-check: setup ## on a GPU machine: 5B with random weights, N fsdp steps, measured vs planned memory -> docs/gpu-check.md
+rehearse: setup ## every trainer config on 2 CPU processes, as launched on a cluster: kill, resume, export (ARGS="fsdp slurm ...")
+	$(PY) -m dynamictrl.train.rehearse $(ARGS)
+
+gpu-check: setup ## on one GPU: 5B at full width and clip, as many blocks as fit, per-block figures vs the plan -> docs/gpu-check.md
 	PYTHON=.venv/bin/python scripts/gpu_check.sh $(ARGS)
 
 clean: ## remove outputs (keeps .venv and data/)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import pytest
 
-warnings.filterwarnings("ignore")
+from dynamictrl.utils.warnings import NOISE
+
 os.environ.setdefault("GLOG_minloglevel", "2")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The apps' named third-party noise is ignored here too, as filterwarnings lines (pytest resets the
+    warning filters around every phase); pyproject makes dynamictrl's own warnings errors."""
+    for message, category, module in NOISE:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}:{module}")
 
 
 @pytest.fixture(scope="session")

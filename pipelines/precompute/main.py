@@ -3,13 +3,16 @@
 import hydra
 from omegaconf import DictConfig
 
-from dynamictrl.errors import user_errors
+from dynamictrl.errors import require, user_errors
 from dynamictrl.train.precompute import run
+
+REQUIRED = {"input": "'SHARDS/train-*.tar'", "output": "DIR"}  # the mandatory settings, with a value to suggest
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="precompute")
 def main(cfg: DictConfig) -> None:
-    with user_errors("precompute"):
+    with user_errors("precompute", examples=REQUIRED):
+        require(cfg, REQUIRED)
         run(cfg)
 
 
