@@ -217,3 +217,12 @@ def test_pose_stream_is_handed_on_in_the_compute_dtype_under_autocast():
         pose = model.patch_embed.proj(torch.randn(1, 24, 256))  # a pose token stream as the embedding gives it
         _, _, stream = block(torch.randn(1, 24, 32), torch.randn(1, 8, 32), torch.randn(1, 32), pose)
     assert pose.dtype == torch.bfloat16 and stream.dtype == torch.bfloat16
+
+
+def test_a_real_model_without_its_folder_is_refused_not_swapped_for_the_tiny_one():
+    from dynamictrl.errors import UserError
+    from dynamictrl.train.run import model_path
+
+    cfg = config.load("train", ["model=cogvideox1.5-5b-i2v", "trainer=fsdp", "data.train_shards=x"])
+    with pytest.raises(UserError, match="model.path is not set"):
+        model_path(cfg)

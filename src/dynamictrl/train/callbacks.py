@@ -1,11 +1,14 @@
-"""Training callbacks: throughput and memory, data-skip counts, RNG state, sample videos."""
+"""Training callbacks: checkpoints, throughput and memory, data-skip counts, RNG state, sample videos."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import random
+import re
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
 from dynamictrl.models import latents as Z
@@ -23,6 +27,95 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class StepCheckpoints(ModelCheckpoint):
+    """DIR/step-NNNNNN.ckpt every `every_n_steps` optimizer steps (a file, or a folder of shards under
+    FSDP2 and DeepSpeed), the newest `keep` of them kept (-1: all; 0 or 1: the newest only), and
+    DIR/last.ckpt a symlink to the newest complete one, what resume reads.
+
+    The link moves only once its checkpoint is written on every rank, and atomically: a new link renamed
+    over the old one (Lightning's save_last="link" removes the old link first). A job killed at any
+    moment (a 5B checkpoint takes minutes to write) leaves last.ckpt at a complete checkpoint, and pruning
+    never removes the one it points at; while a checkpoint is written the previous one stays, so the
+    disk holds at most `keep` + 1. Only global rank 0 touches the folder's links and deletions.
+    """
+
+    LAST = "last.ckpt"
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, keep: int = 2):
+        super().__init__(dirpath=dirpath, filename="step-{step:06d}", auto_insert_metric_name=False, save_top_k=-1,
+                         every_n_train_steps=every_n_steps, save_on_train_epoch_end=False,
+                         enable_version_counter=False)  # fmt: skip
+        self.keep = keep
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_train_start(trainer, module)
+        if trainer.ckpt_path:  # resumed: this step's checkpoint is on disk (no second save of it)
+            self._last_global_step_saved = trainer.global_step
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        self.save(trainer)  # Lightning's periodic save
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        pass  # last.ckpt is the link `save` moves
+
+    def save(self, trainer: L.Trainer) -> Path:
+        """Save the current step's checkpoint (unless last.ckpt points at it and it holds this state:
+        saved or resumed from in this process), point last.ckpt at it and prune; a collective: every rank
+        calls it. Returns last.ckpt's path."""
+        folder, strategy, zero = Path(self.dirpath), trainer.strategy, trainer.is_global_zero
+        last, path = folder / self.LAST, folder / f"step-{trainer.global_step:06d}.ckpt"
+        current = strategy.broadcast(linked(last) if zero and last.exists() else None)
+        if current != path.name or self._last_global_step_saved != trainer.global_step:
+            if strategy.broadcast(os.path.lexists(path) if zero else False):  # a killed save's, or an earlier run's
+                if zero:
+                    if current == path.name:  # an earlier run's (resume=false): no link to it while it is rewritten
+                        last.unlink()
+                    remove(path)
+                strategy.barrier()
+            self._save_checkpoint(trainer, str(path))  # returns once every rank has written its part
+            if zero:
+                relink(last, path)
+        if zero:
+            prune(folder, self.keep, path)
+        strategy.barrier()
+        return last
+
+
+def linked(link: Path) -> str | None:
+    """The name a checkpoint link points at (None: not a link)."""
+    return os.readlink(link) if link.is_symlink() else None
+
+
+def relink(link: Path, target: Path) -> None:
+    """Point `link` at `target` (beside it) atomically: a new link made under a temporary name, renamed over it."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target.name, tmp)
+    if link.is_dir() and not link.is_symlink():  # a last.ckpt folder from before links: rename cannot replace it
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+
+
+def prune(folder: Path, keep: int, newest: Path) -> None:
+    """Remove the step-N.ckpt checkpoints older than the newest `keep` up to `newest` (newer ones are what a
+    killed run left past the resumed step: they are overwritten when the run gets there)."""
+    if keep < 0:
+        return
+    steps = {p: s for p in folder.iterdir() if (s := _step(p.name)) is not None and s < _step(newest.name)}
+    for p in sorted(steps, key=steps.get, reverse=True)[max(keep, 1) - 1 :]:  # newest first
+        remove(p)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint file or folder."""
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _step(name: str) -> int | None:
+    m = re.fullmatch(r"step-(\d+)\.ckpt", name)
+    return int(m.group(1)) if m else None
 
 
 class Throughput(L.Callback):
@@ -86,6 +179,7 @@ class SampleVideo(L.Callback):
         self.steps, self.num_frames, self.scale = num_inference_steps, num_frames, scale
         self.guidance_scale, self.fps, self.seed = guidance_scale, fps, seed
         self.written: list[Path] = []
+        self._step_before = -1
 
     def _inputs(self, module: Any, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The reference (H, W, 3), the first `num_frames` poses (T, H, W, 3) and the mask (H, W), at `scale`."""
@@ -141,10 +235,14 @@ class SampleVideo(L.Callback):
         self.written.append(path)
         return path
 
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
         step = trainer.global_step
-        if not self.every or step % self.every:
+        # once per optimizer step: with accumulate_grad_batches > 1 most batches end without one
+        if not self.every or step % self.every or step == self._step_before:
             return
         path = self.sample(module, batch, step, trainer.global_rank, trainer.precision_plugin.forward_context())
         if not trainer.is_global_zero:

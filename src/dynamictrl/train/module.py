@@ -72,14 +72,10 @@ class EMAWeights(nn.Module):
         torch._foreach_lerp_(ema, [_local(p.detach()).to(e.device, torch.float32) for e, p in zip(ema, params, strict=True)],
                              1 - decay)  # fmt: skip
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """The whole average on the CPU (a collective under FSDP2: every rank calls it)."""
-        out = {}
-        for n, t in zip(self.names, self.tensors(), strict=True):
-            if _is_dtensor(t):
-                t = t.to(t.device_mesh.device_type).full_tensor()
-            out[n] = t.cpu()
-        return out
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(weight name, its average) as held: shards under FSDP2, which `train.export.gathered` makes whole
+        one at a time on rank 0 only (the whole fp32 average is 23 GB at 5B)."""
+        return list(zip(self.names, self.tensors(), strict=True))
 
 
 def check_resume_keys(expected: list[str], saved: Any) -> None:
@@ -98,6 +94,37 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
+
+
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of the whole gradient, the same on every rank. A sharded DTensor gradient (FSDP2) is
+    part of the tensor on each rank: the squares of the local shards are summed over its mesh (on the
+    mesh's device, so a CPU-offloaded one too). A plain one (one process; DDP, after its all-reduce) is
+    whole on every rank and is not reduced, which would count it once per rank."""
+    import torch.distributed as dist
+
+    shards: list[torch.Tensor] = []
+    whole: list[torch.Tensor] = []
+    for g in grads:
+        (shards if _is_dtensor(g) and any(p.is_shard() for p in g.placements) else whole).append(g)
+    whole = [_local(g) for g in whole]  # (a replicated DTensor's local tensor is the whole of it)
+    device = _local(grads[0]).device
+    square = torch.zeros((), device=device)
+    if whole:
+        square = square + torch.nn.utils.get_total_norm(whole).float().square().to(device)
+    if shards:
+        mesh = shards[0].device_mesh
+        local = torch.nn.utils.get_total_norm([g.to_local() for g in shards]).float().square()
+        local = local.to(mesh.device_type)
+        dist.all_reduce(local, group=mesh.get_group())
+        square = square + local.to(device)
+    return square.sqrt()
+
+
+def _deepspeed_engine(module: L.LightningModule) -> Any:
+    """The DeepSpeed engine training `module`, if any (it keeps the gradients and their norm)."""
+    trainer = module._trainer
+    return getattr(trainer.strategy, "deepspeed_engine", None) if trainer is not None else None
 
 
 class DynamiCtrlModule(L.LightningModule):
@@ -186,7 +213,7 @@ class DynamiCtrlModule(L.LightningModule):
             return
         hp = self.hparams
         strategy = self._trainer.strategy if self._trainer is not None else None
-        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        device = getattr(strategy, "fill_device", None) or (strategy.root_device if strategy is not None else torch.device("cpu"))
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
         choice = {k: v for k, v in (("control", hp.control), ("pose_init", hp.pose_init)) if v}
         config = build.transformer_config(hp.model_path, **choice)
@@ -198,7 +225,9 @@ class DynamiCtrlModule(L.LightningModule):
                 raise UserError("module.ema_decay: no EMA under DeepSpeed ZeRO-3 (partitioned weights); use trainer=fsdp")
             model = DynamiCtrlTransformer3DModel.from_config(config)
             if hp.weights == "pretrained":
-                build.load_weights_zero3(model, folder, self.global_rank)
+                self.loading_report = build.load_weights_zero3(model, folder, self.global_rank)
+            else:  # zero.Init initialised every module as it was created, but the pose branch's own init
+                build.init_pose_branch_zero3(model, self.global_rank)
         else:
             from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -219,7 +248,8 @@ class DynamiCtrlModule(L.LightningModule):
             model.enable_gradient_checkpointing()
         model.train()
         self.transformer = model
-        self._build_frozen(build.frozen_dtype(hp.encoder_dtype, precision))
+        with build.outside_zero_init():  # frozen encoders whole, never partitioned by ZeRO-3
+            self._build_frozen(build.frozen_dtype(hp.encoder_dtype, precision))
         if hp.ema_decay:
             self.ema = EMAWeights(self.trainable(), hp.ema_decay, hp.ema_device)
 
@@ -348,9 +378,10 @@ class DynamiCtrlModule(L.LightningModule):
         v = self.transformer(
             hidden_states=torch.cat([noisy, image_p], dim=2), encoder_hidden_states=text, timestep=t, ofs=ofs,
             image_rotary_emb=rotary, control_hidden_states=pose_p, return_dict=False,
-        )[0]  # fmt: skip
+        )[0].float()  # fmt: skip
+        # (v is bf16 under autocast; x0, the targets and the loss stay fp32)
         x0 = sched.get_velocity(v, noisy, t)
-        alpha_bar = sched.alphas_cumprod.to(device)[t]
+        alpha_bar = sched.alphas_cumprod.to(device, torch.float32)[t]  # float64 in the scheduler
         weight = (1 / (1 - alpha_bar)).view(b, 1, 1, 1, 1)
         err = (weight * (self.codec.unpad(x0, n_lat) - target) ** 2).mean(dim=(1, 2, 3, 4))
         return err.mean()
@@ -364,13 +395,18 @@ class DynamiCtrlModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if _deepspeed_engine(self) is not None:  # its gradients are partitioned inside it: see optimizer_step
+            return
         grads = [p.grad for _, p in self.trainable() if p.grad is not None]
-        if grads:  # before clipping; rank-local under sharded strategies
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True)
+        if grads:  # before clipping
+            self.log("train/grad_norm", grad_norm(grads), on_step=True)
 
     # EMA: updated after each optimizer step; its buffers ride in the checkpoint with the weights.
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        engine = _deepspeed_engine(self)
+        if engine is not None and engine.get_global_grad_norm() is not None:  # its step computed it (unclipped)
+            self.log("train/grad_norm", float(engine.get_global_grad_norm()), on_step=True)
         if self.ema is not None:
             self.ema.update([p for _, p in self.trainable()])
 

@@ -5,26 +5,31 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from dynamictrl.data.shards import clip_settings, list_shards
 from dynamictrl.errors import UserError
 from dynamictrl.models import embedded
 from dynamictrl.train import build
-from dynamictrl.train.callbacks import RNGState, SampleVideo, Throughput
+from dynamictrl.train.callbacks import RNGState, SampleVideo, StepCheckpoints, Throughput
 from dynamictrl.train.datamodule import precomputed_dir
+from dynamictrl.train.export import SHARD_BYTES, Named, gathered, write_weights, zero3_gathered
 from dynamictrl.train.plan import check_fits
+from dynamictrl.utils.device import global_rank
 
 
 def model_path(cfg: DictConfig) -> str:
     """The base pipeline folder: the configured one, else the embedded tiny model (built on first use)."""
+    if OmegaConf.is_missing(cfg.model, "path"):  # a real model named without its folder: never the tiny one
+        raise UserError(f"model.path is not set: model={cfg.model.get('name', '?')} needs its local diffusers "
+                        "folder (e.g. model.path=/models/CogVideoX1.5-5B-I2V)")  # fmt: skip
     if cfg.model.get("path"):
         path = Path(cfg.model.path)
         if not (path / "model_index.json").is_file():
@@ -43,12 +48,16 @@ def ensure_demo_data(cfg: DictConfig) -> None:
 
 
 def resume_path(cfg: DictConfig, last: Path) -> str | None:
-    """resume=true: last.ckpt must exist; resume=auto: use it when it exists (SLURM requeue)."""
+    """resume=true: last.ckpt must exist; resume=auto: use it when it exists (SLURM requeue). It is a link
+    to the newest complete checkpoint (`callbacks.StepCheckpoints`); the checkpoint it points at is returned."""
     mode = str(cfg.resume).lower()
     if mode in ("false", "none", "0"):
         return None
+    if last.is_symlink() and not last.exists():
+        raise UserError(f"resume={mode}: {last} points at {os.readlink(last)}, which is missing; point it at a complete "
+                        f"checkpoint (ln -sfn step-NNNNNN.ckpt {last}) or remove it to start over")  # fmt: skip
     if last.exists():
-        return str(last)
+        return str(last.resolve())
     if mode == "auto":
         return None
     raise UserError(f"resume=true but {last} does not exist")
@@ -61,14 +70,26 @@ def wandb_resume(logger: DictConfig, out: Path) -> dict[str, Any]:
     if not str(logger.get("_target_", "")).endswith("WandbLogger") or logger.get("id"):
         return {}
     path = out / "wandb-run-id.txt"
-    if not path.is_file() and int(os.environ.get("RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        import wandb
+    if global_rank() == 0:
+        if not path.is_file():
+            import wandb
 
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(wandb.util.generate_id())
-        os.replace(tmp, path)
-    # Other ranks log nothing to wandb (Lightning's rank-zero experiment); they may not see the file yet.
-    return {"id": path.read_text().strip(), "resume": "allow"} if path.is_file() else {}
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(wandb.util.generate_id())
+            os.replace(tmp, path)
+    else:  # the others take rank 0's id (they log nothing, but every rank names the same run)
+        wait_for(path, "the wandb run id")
+    return {"id": path.read_text().strip(), "resume": "allow"}
+
+
+def wait_for(path: Path, what: str, timeout: float = 300.0) -> None:
+    """Wait for a file global rank 0 writes before any process group exists (no barrier yet)."""
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise UserError(f"{path}: {what} from rank 0 did not appear in {timeout:.0f} s "
+                            "(is the output folder on a file system every node sees?)")  # fmt: skip
+        time.sleep(0.2)
 
 
 def finish_wandb(loggers: list) -> None:
@@ -101,41 +122,68 @@ def merge_metrics(csv_path: Path, previous: Path) -> None:
     previous.unlink()
 
 
-def full_transformer_state(trainer: L.Trainer, module: Any) -> dict[str, torch.Tensor] | None:
-    """The transformer's full state dict on rank 0 (None elsewhere): gathered from FSDP2 shards or
-    DeepSpeed ZeRO-3 partitions (a collective: every rank calls it)."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
+def _is_deepspeed(trainer: L.Trainer) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    if isinstance(trainer.strategy, ModelParallelStrategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(module.transformer, options=opts)
-        return state if trainer.is_global_zero else None
-    if getattr(trainer.strategy, "zero_stage_3", False):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.transformer.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in module.transformer.state_dict().items()}
-        return state if trainer.is_global_zero else None
-    return module.transformer.state_dict()
+    return isinstance(trainer.strategy, DeepSpeedStrategy)
 
 
-def export(trainer: L.Trainer, module: Any, folder: Path, state: dict[str, torch.Tensor]) -> None:
-    """The transformer in diffusers layout (config.json + safetensors), loadable by from_pretrained;
-    under LoRA the adapters and the pose branch only (`models/lora.py`: the base stays where it is)."""
+def deepspeed_fp32(checkpoint: Path, keep: bool, names: set[str] | None = None) -> Named:
+    """The transformer's fp32 master weights from a DeepSpeed checkpoint folder (ZeRO-2 or 3), read one
+    tensor at a time by DeepSpeed's own converter in lazy mode, on rank 0 only (no collective). The
+    engine's module holds bf16 copies: exporting those would round away what the fp32 optimizer keeps."""
+    if not keep:
+        return
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), lazy_mode=True)
+    for key, value in lazy.items():
+        name = key.removeprefix("_forward_module.")  # Lightning's wrapper
+        if name.startswith("transformer."):
+            name = name.removeprefix("transformer.")
+            if names is None or name in names:
+                yield name, value.contiguous()  # materialised here, dropped once written
+
+
+def transformer_tensors(trainer: L.Trainer, module: Any, names: set[str] | None = None, ema: bool = False,
+                        checkpoint: Path | None = None) -> Named:  # fmt: skip
+    """The transformer's state entries (those in `names`; with `ema` the EMA's averages in place of the
+    trained weights) one at a time, each whole on rank 0's CPU and None on the other ranks: gathered from
+    FSDP2 shards or DeepSpeed ZeRO-3 partitions as they come (collectives: every rank iterates). Under
+    DeepSpeed, given the final `checkpoint`, the fp32 master weights from it (`deepspeed_fp32`)."""
+    keep = trainer.is_global_zero
+    if checkpoint is not None and not ema and _is_deepspeed(trainer):
+        return deepspeed_fp32(checkpoint, keep, names)
+    if getattr(trainer.strategy, "zero_stage_3", False):  # (no EMA under ZeRO-3)
+        return zero3_gathered(module.transformer, keep, names)
+    averaged = dict(module.ema.named_tensors()) if ema else {}
+    state = module.transformer.state_dict()  # FSDP2: DTensor shards, nothing gathered yet
+    return gathered(((k, averaged.get(k, v)) for k, v in state.items() if names is None or k in names), keep)
+
+
+def export(trainer: L.Trainer, module: Any, folder: Path, ema: bool = False, shard_bytes: int = SHARD_BYTES,
+           checkpoint: Path | None = None) -> None:  # fmt: skip
+    """The transformer in diffusers layout (config.json + safetensors files of at most `shard_bytes`),
+    loadable by from_pretrained; with `ema` its EMA weights. Rank 0 writes each file as its tensors
+    arrive and holds no more than one; a collective: every rank calls it. Under LoRA the adapters and the
+    pose branch only (`models/lora.py`: the base stays where it is, and is not gathered)."""
     from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 
-    if getattr(module, "lora", None):
+    lora = getattr(module, "lora", None)
+    tensors = transformer_tensors(trainer, module, {n for n, _ in module.trainable()} if lora else None, ema,
+                                  checkpoint)  # fmt: skip
+    if not trainer.is_global_zero:
+        for _ in tensors:  # the gathers are collectives
+            pass
+        return
+    if lora:
         from dynamictrl.models.lora import save_lora
 
-        save_lora(folder, module.transformer, state)
+        save_lora(folder, module.transformer, dict(tensors))
         return
-
-    with torch.device("meta"):
-        model = DynamiCtrlTransformer3DModel.from_config(module.transformer.config)
-    model.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, assign=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    write_weights(folder, tensors, shard_bytes)
+    with torch.device("meta"):  # the config as save_pretrained writes it (the class name: not FSDP's wrapper)
+        DynamiCtrlTransformer3DModel.from_config(module.transformer.config).save_config(folder)
 
 
 def export_settings(module: Any, datamodule: Any, base: str) -> dict[str, Any]:
@@ -146,8 +194,9 @@ def export_settings(module: Any, datamodule: Any, base: str) -> dict[str, Any]:
             "control": module.transformer.config.control}  # fmt: skip
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train; returns paths of what was written (metrics.csv, checkpoints, exported transformer)."""
+def run(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
+    """Train; returns paths of what was written (metrics.csv, checkpoints, exported transformer) and
+    the wandb run id this rank named. `extra_callbacks` join the run's own (make rehearse kills a run)."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -163,13 +212,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     last = out / "checkpoints" / "last.ckpt"
     resume = resume_path(cfg, last)
     metrics, previous = out / "metrics.csv", out / "metrics-before-resume.csv"
-    if resume and metrics.is_file() and not previous.is_file() and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if resume and metrics.is_file() and not previous.is_file() and global_rank() == 0:
         os.replace(metrics, previous)
-    loggers = [instantiate(c, **wandb_resume(c, out)) for c in (cfg.get("logger") or {}).values() if c]
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step-{step:06d}", auto_insert_metric_name=False,
-                           save_last=bool(cfg.get("final_save", True)), save_top_k=cfg.keep_checkpoints, every_n_train_steps=cfg.checkpoint_every,
-                           save_on_train_epoch_end=False)  # fmt: skip
-    callbacks = [ckpt, Throughput(), RNGState()]
+    logger_args = [(c, wandb_resume(c, out)) for c in (cfg.get("logger") or {}).values() if c]
+    loggers = [instantiate(c, **kw) for c, kw in logger_args]
+    wandb_id = next((kw["id"] for _, kw in logger_args if "id" in kw), None)
+    ckpt = StepCheckpoints(last.parent, every_n_steps=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
+    callbacks = [ckpt, Throughput(), RNGState(), *(extra_callbacks or [])]
     if cfg.samples.every_n_steps:
         callbacks.append(SampleVideo(str(out / "samples"), seed=cfg.seed, **cfg.samples))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out))
@@ -185,21 +234,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("final_save", True):  # the GPU check: a 5B checkpoint would not fit its disk
         if trainer.is_global_zero:
             merge_metrics(metrics, previous)
-        return {"output": str(out), "metrics_csv": str(metrics), "steps": trainer.global_step}
-    trainer.save_checkpoint(last)
-    state = full_transformer_state(trainer, module)
-    ema = module.ema.full_state() if module.ema is not None else None
+        return {"output": str(out), "metrics_csv": str(metrics), "steps": trainer.global_step, "wandb_id": wandb_id}
+    ckpt.save(trainer)  # step-N.ckpt (unless this step's is there) and last.ckpt pointing at it
+    saved = last.resolve()
+    if module.ema is not None:  # the EMA weights are the export; the trained ones sit beside them
+        export(trainer, module, out / f"{kind}_raw", checkpoint=saved)
+    export(trainer, module, folder, ema=module.ema is not None, checkpoint=saved)
     if trainer.is_global_zero:
         merge_metrics(metrics, previous)
-        if ema is not None:  # the EMA weights are the export; the trained ones sit beside them
-            export(trainer, module, out / f"{kind}_raw", state)
-            state = {k: ema.get(k, v) for k, v in state.items()}
-        export(trainer, module, folder, state)
         info = {"base": str(Path(base).resolve()), kind: kind, "ema": module.ema is not None}
         (out / "model.json").write_text(json.dumps(info, indent=1))
         (out / "dynamictrl.json").write_text(json.dumps(export_settings(module, datamodule, base), indent=1))
         print(f"train: {trainer.global_step} steps -> {out}/metrics.csv, {last}, {folder} "
               f"({datamodule.skipped} corrupt samples skipped)")  # fmt: skip
-    return {"output": str(out), "metrics_csv": str(metrics), "last_ckpt": str(last),
+    return {"output": str(out), "metrics_csv": str(metrics), "last_ckpt": str(last), "wandb_id": wandb_id,
             kind: str(folder), "steps": trainer.global_step, "skipped_samples": datamodule.skipped,
             "samples": [str(p) for c in callbacks if isinstance(c, SampleVideo) for p in c.written]}  # fmt: skip
