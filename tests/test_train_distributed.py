@@ -1,8 +1,7 @@
-"""Trainer configs: 2-process DDP trains on CPU (gloo); FSDP, DeepSpeed and SLURM configs compose
-and build their strategy objects on CPU (FSDP2 trains on CPU in tests/test_train_fsdp.py)."""
+"""Trainer configs compose and build their strategy objects on CPU. Every one of them trains on CPU
+processes, launched as on a cluster, in tests/test_rehearse.py (make rehearse); FSDP2's sampling in
+lockstep and LoRA under FSDP2 in tests/test_train_fsdp.py."""
 
-import csv
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,22 +12,6 @@ from dynamictrl import config
 from dynamictrl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.mark.slow
-def test_two_process_ddp_on_cpu_trains_two_steps(tiny_model, shards, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, str(ROOT / "pipelines" / "train" / "main.py"), "trainer=ddp", "trainer.accelerator=cpu",
-           "trainer.devices=2", "trainer.precision=32-true", "trainer.strategy.process_group_backend=gloo",
-           "trainer.max_steps=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-           f"data.train_shards={shards}/train-*.tar", f"model.path={tiny_model}", f"output={out}", "logger=csv",
-           "samples.every_n_steps=0", "data.num_workers=0", "data.batch_size=1"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
-    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [0, 1]
-    assert "train: 2 steps" in proc.stdout  # rank 0 reports; the export is rank 0's
-    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def strategy_of(trainer):
