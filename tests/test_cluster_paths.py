@@ -226,3 +226,20 @@ def test_a_real_model_without_its_folder_is_refused_not_swapped_for_the_tiny_one
     cfg = config.load("train", ["model=cogvideox1.5-5b-i2v", "trainer=fsdp", "data.train_shards=x"])
     with pytest.raises(UserError, match="model.path is not set"):
         model_path(cfg)
+
+
+def test_fsdp2_resume_loads_with_weights_only_unless_told_otherwise(tmp_path, monkeypatch):
+    """A requeued job resumes through the strategy's load_checkpoint: unset, weights_only is True (no pickle)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from dynamictrl.train.strategies import FSDP2Strategy
+
+    seen = []
+    monkeypatch.setattr(ModelParallelStrategy, "load_checkpoint", lambda self, path, weights_only=None: seen.append(weights_only))
+    s = FSDP2Strategy()
+    monkeypatch.setattr(FSDP2Strategy, "lightning_module", SimpleNamespace(strict_loading=True))
+    s.load_checkpoint(tmp_path / "last.ckpt")
+    s.load_checkpoint(tmp_path / "last.ckpt", weights_only=False)
+    assert seen == [True, False]
