@@ -57,9 +57,12 @@ def test_wrong_or_missing_weight_files_are_one_line_errors(tmp_path, weight_file
 
 
 def test_clip_protocols():
-    assert D.clip_starts(20, 1) == [0, 1, 2, 3, 4]  # disco: every frame starts a clip
-    assert D.clip_starts(40, 16) == [0, 16]  # clean: no overlap
-    assert D.clip_starts(9, 1) == [0]  # short video: one clip, padded
+    assert D.clip_starts(20, 1) == [0, 1, 2, 3, 4]  # disco: every frame with 15 successors starts a clip
+    assert D.clip_starts(20, 1, drop_last=True) == [0, 1, 2, 3]  # disco-gif: its script's range(0, T - 16)
+    assert D.clip_starts(16, 1) == [0] and D.clip_starts(16, 1, drop_last=True) == []
+    assert D.clip_starts(40, 16, pad_short=True) == [0, 16]  # clean: no overlap
+    assert D.clip_starts(9, 1) == [] and D.clip_starts(9, 1, drop_last=True) == []  # disco: a short video, no clip
+    assert D.clip_starts(9, 16, pad_short=True) == [0]  # clean: one clip, padded
     frames = np.zeros((2, 40, 80, 3), np.uint8)
     frames[:, :, 20:60] = 255  # a white square in the middle of a black frame
     squashed, cropped = D.resize_frames(frames, 16, crop=False), D.resize_frames(frames, 16, crop=True)
@@ -67,7 +70,7 @@ def test_clip_protocols():
     assert cropped.mean() > 250 and 100 < squashed.mean() < 160  # the crop keeps the square, the squash does not
 
 
-def _videos(folder, seed, shift=0, frames=8):
+def _videos(folder, seed, shift=0, frames=16):
     rng = np.random.default_rng(seed)
     for name in ("a", "b"):
         base = rng.integers(0, 256, (1, 24, 20, 3)).repeat(frames, 0)

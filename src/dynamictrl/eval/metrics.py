@@ -1,4 +1,5 @@
-"""Frame metrics under the DisCo protocol (DESIGN.md §5), the one behind published Table 2 numbers.
+"""Frame metrics under the DisCo protocol (DESIGN.md §5), the one behind published Table 2 numbers
+(`disco` and `disco-gif` share them; they differ only in FID-VID/FVD input, see `distribution`).
 
 - frames are paired by index; a generated frame is resized (PIL bicubic) to its real frame's size;
 - L1: mean |a - b| over pixels and channels on 0-255, divided by H*W (hence "E-04" figures);
@@ -18,25 +19,34 @@ from dynamictrl.eval.distribution import describe
 
 DISCO = {
     "name": "disco",
-    "pairing": "frame index; generated resized to the real frame size with PIL bicubic",
+    "pairing": "frame index; for L1/SSIM/PSNR/LPIPS generated resized to the real frame size with PIL bicubic; "
+               "FID/FID-VID/FVD take generated frames at their own size",
     "l1": "mean |a-b| on 0-255 over pixels and channels, divided by H*W",
     "psnr": "DisCo uint8 PSNR: (a-b)**2 computed in uint8 (wraps modulo 256), 20*log10(255/sqrt(mse))",
     "psnr_star": "float PSNR, MAX 255, per frame, averaged",
     "ssim": "skimage structural_similarity, grayscale uint8 (PIL 'L'), win_size 7, data_range 255",
     "lpips": "lpips VGG, [0,1] inputs without normalize=True (DisCo's quirk)",
+    "comparable_with": "DisCo's frame-folder scripts as they are today (its maintainer's re-run of DisCo: FID-VID "
+                       "19.28, FVD 385.93); the published rows for every metric but FID-VID and FVD",
 }
 CLEAN = {
     "name": "clean",
-    "pairing": "frame index; generated resized to the real frame size with PIL bicubic",
+    "pairing": "frame index; generated resized to the real frame size with PIL bicubic (for every metric)",
     "l1": "mean |a-b| on [0,1] over pixels and channels",
     "psnr": "float PSNR, MAX 255, per frame, averaged (same as psnr_star)",
     "psnr_star": "float PSNR, MAX 255, per frame, averaged",
     "ssim": "skimage structural_similarity on RGB, Gaussian window sigma 1.5, population covariance (Wang et al.)",
     "lpips": "lpips VGG, inputs mapped to [-1,1] (normalize=True)",
+    "comparable_with": "no published row: runs under this protocol only",
+}
+DISCO_GIF = DISCO | describe("disco-gif") | {
+    "name": "disco-gif",
+    "comparable_with": "every published row (DisCo's paper: FID-VID 18.86, FVD 393.34 for DisCo; the tables that "
+                       "took its June-2023 GIF scripts or numbers, the DynamiCtrl paper's Table 2 included)",
 }
 DISCO |= describe("disco")
 CLEAN |= describe("clean")
-PROTOCOLS = {"disco": DISCO, "clean": CLEAN}
+PROTOCOLS = {"disco": DISCO, "disco-gif": DISCO_GIF, "clean": CLEAN}
 PROTOCOL = DISCO
 
 
@@ -51,8 +61,8 @@ def frame_metrics(gen: np.ndarray, real: np.ndarray, protocol: str = "disco") ->
     gen = _match(gen, real)
     if protocol == "clean":
         return _clean_metrics(gen, real)
-    if protocol != "disco":
-        raise ValueError(f"protocol={protocol!r}: choose disco or clean")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}: choose one of {sorted(PROTOCOLS)}")
     h, w = real.shape[:2]
     a, b = gen.astype(np.float64), real.astype(np.float64)
     l1 = float(np.abs(a - b).mean() / (h * w))

@@ -1,4 +1,4 @@
-"""make eval ARGS="generated=DIR reference=DIR protocol=disco|clean output=DIR": score videos.
+"""make eval ARGS="generated=DIR reference=DIR protocol=disco|disco-gif|clean output=DIR": score videos.
 
 Both folders hold videos (or frame folders) with matching names. Frame metrics (L1, SSIM, PSNR, PSNR*)
 always; LPIPS when its backbone weights are configured; pose accuracy (PCK against the poses of the
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from dynamictrl.errors import UserError
 from dynamictrl.eval import published
+from dynamictrl.eval.distribution import one_resize
 from dynamictrl.eval.metrics import PROTOCOLS, _match, video_metrics
 from dynamictrl.utils.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_any, write_video
 
@@ -114,7 +115,7 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
             if prompt:
                 per_video[name]["clip_alignment"] = clip_metrics.alignment(emb, clip_scorer.text_embed(prompt))
         for k, net in backbones.items():
-            feats[k][0].append(_features(k, net, matched, protocol))
+            feats[k][0].append(_features(k, net, gen if one_resize(protocol) else matched, protocol))
             feats[k][1].append(_features(k, net, ref, protocol))
         for k in names:
             all_frames[k] += m[k]
@@ -129,13 +130,16 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
         overall["pose_pck"] = sum(pose_hits["pck"]) / max(pose_hits["keypoints"], 1)
         overall["pose_mean_distance"] = float(np.nanmean(pose_hits["mean_distance"]))
     overall |= {k: v for k, v in NOT_COMPUTED.items() if k not in backbones}
+    counts = {}
     for k, (gen_feats, ref_feats) in feats.items():
-        overall[k] = _frechet(np.concatenate(gen_feats), np.concatenate(ref_feats))
+        gen_feats, ref_feats = _stack(gen_feats), _stack(ref_feats)
+        overall[k] = _frechet(gen_feats, ref_feats)
+        counts[k] = {"generated": len(gen_feats), "reference": len(ref_feats)}
     if clip_scorer is not None:
         for k in ("clip_consistency", "clip_alignment"):
             vals = [v[k] for v in per_video.values() if k in v]
             overall[k] = float(np.mean(vals)) if vals else "not computed: no prompts (NAME.json or NAME.txt) beside the videos"
-    return {**overall, "protocol": PROTOCOLS[protocol], "videos": len(per_video),
+    return {**overall, "protocol": PROTOCOLS[protocol], "feature_vectors": counts, "videos": len(per_video),
             "frames": len(all_frames["l1"]), "per_video": per_video}  # fmt: skip
 
 
@@ -143,8 +147,14 @@ def _features(metric: str, net, frames: np.ndarray, protocol: str) -> np.ndarray
     from dynamictrl.eval import distribution as D
 
     if metric == "fid":
-        return D.frame_features(net, frames, crop=protocol != "disco")
+        return D.frame_features(net, frames, crop=protocol == "clean")
     return D.clip_features(net, frames, D.clip_protocol(metric, protocol))
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    """The feature vectors of all videos; videos without a clip give none."""
+    parts = [p for p in parts if len(p)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0))
 
 
 def _frechet(gen: np.ndarray, ref: np.ndarray) -> float | str:
@@ -212,13 +222,18 @@ def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", d
               "clip_alignment"):  # fmt: skip
         if k in result:
             lines.append(f"| {k} | {_fmt(result[k])} | {_fmt(proto.get(k) or DEFINITIONS.get(k, 'see dynamictrl.eval'))} |")
-    lines += ["", "Pairing: " + proto["pairing"] + ".", "",
+    lines += ["", "Pairing: " + proto["pairing"] + "."]
+    if result.get("feature_vectors"):
+        lines += ["", "Feature vectors (generated / reference): " + ", ".join(
+            f"{k} {n['generated']} / {n['reference']}" for k, n in result["feature_vectors"].items()) + "."]  # fmt: skip
+    lines += ["", f"Comparable with: {proto.get('comparable_with', 'see dynamictrl.eval.metrics')}.", "",
               f"## Beside the paper's Table 2 ({dataset})", "",
-              "L1 in E-04 units as published. Only figures computed under the same protocol are comparable.", "",
+              "L1 in E-04 units as published. Only figures computed under the same protocol are comparable: "
+              f"the published rows are `{published.PROTOCOL}` ({published.PROTOCOL_NOTE}).", "",
               "| method | protocol | L1 (E-04) | SSIM | PSNR | PSNR* | LPIPS | FID-VID | FVD |",
               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     ours = {k: result.get(k) for k in published.METRICS}
-    ours["l1"] = ours["l1"] * 1e4 if proto["name"] == "disco" and isinstance(ours["l1"], float) else ours["l1"]
+    ours["l1"] = ours["l1"] * 1e4 if proto["name"] != "clean" and isinstance(ours["l1"], float) else ours["l1"]
     for method, row in [*published.rows(dataset), ("this run", ours)]:
         tag = published.PROTOCOL if method != "this run" else proto["name"]
         vals = [(_fmt(row[k]) if isinstance(row[k], float) or row[k] is None else "n/c") for k in published.METRICS]
