@@ -31,7 +31,7 @@ def test_deepspeed_zero3_config_offloads_parameters_and_optimizer():
     from dynamictrl.train.strategies import deepspeed_config
 
     cfg = config.load("train", ["trainer=deepspeed_zero3_offload", "data.train_shards=x"])
-    ds = deepspeed_config(**{k: v for k, v in cfg.trainer.strategy.items() if k != "_target_"})
+    ds = deepspeed_config(**{k: v for k, v in cfg.trainer.strategy.items() if k not in ("_target_", "process_group_backend")})
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
     with pytest.raises(UserError, match="needs ZeRO stage 3"):
@@ -42,7 +42,7 @@ def test_deepspeed_config_is_zero2_with_the_optimizer_on_the_cpu():
     from dynamictrl.train.strategies import deepspeed_config
 
     cfg = config.load("train", ["trainer=deepspeed_zero2_offload", "data.train_shards=x"])
-    ds = deepspeed_config(**{k: v for k, v in cfg.trainer.strategy.items() if k != "_target_"})
+    ds = deepspeed_config(**{k: v for k, v in cfg.trainer.strategy.items() if k not in ("_target_", "process_group_backend")})
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cfg.trainer.precision == "bf16-mixed"

@@ -128,7 +128,8 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
         overall["lpips"] = "not computed: no weights for the LPIPS VGG backbone (metrics.lpips_backbone_weights)"
     if pose_backend is not None:
         overall["pose_pck"] = sum(pose_hits["pck"]) / max(pose_hits["keypoints"], 1)
-        overall["pose_mean_distance"] = float(np.nanmean(pose_hits["mean_distance"]))
+        found = [d for d in pose_hits["mean_distance"] if not np.isnan(d)]  # NaN: no keypoint found in a video
+        overall["pose_mean_distance"] = float(np.mean(found)) if found else float("nan")
     overall |= {k: v for k, v in NOT_COMPUTED.items() if k not in backbones}
     counts = {}
     for k, (gen_feats, ref_feats) in feats.items():
