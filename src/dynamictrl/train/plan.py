@@ -18,6 +18,22 @@ are dropped as soon as they are accumulated, so the peak is activations plus tem
 uses bf16 weights under bf16 autocast, as FSDP2's and DeepSpeed's compute copies are; AMP strategies
 (gpu, ddp) add autocast's bf16 weight copies as a formula row.
 
+The GPUs planned for run CUDA autocast, which computes the ops of its float32 list (torch.amp's "CUDA
+Ops that can autocast to float32": LayerNorm, GroupNorm, softmax, exp, pow, sum, ...) in fp32 and returns
+fp32; CPU autocast has no kernel for them and leaves them in bf16. On a GPU every LayerNorm of the model
+(norm1 / norm2, PadaLN's control_norm1, the q/k norms, norm_final) and every GroupNorm of the VAE returns
+fp32, and the elementwise ops after it (the modulation, the pose stream before its cast back) are fp32 and
+saved for backward in fp32. So the step is measured under `cuda_autocast_policy`, which gives CPU autocast
+CUDA's policy for those ops (`CUDA_FP32_OPS`) at the dispatch key CPU autocast runs at, as CUDA's runs at
+its own: above autograd (autograd saves the fp32 tensors) and on aten ops (ops called inside Python
+composites are caught). Matrix products, convolutions and attention (linear, matmul, mm, addmm, bmm,
+baddbmm, conv, SDPA) are bf16 under both autocasts already; CUDA's promote ops and its lower-precision
+ops without a CPU kernel (einsum, mv, RNN cells) are not emulated (the model calls none of them).
+`tests/test_train_plan.py` checks the emulation against CUDA autocast itself, on fake CUDA tensors (no GPU
+needed): every module's output dtype matches. Backward runs outside autocast, as Lightning runs it (a
+checkpointed block's recomputation re-enters it); under autocast its bias-gradient sums would be fp32 and
+autocast's cache would keep each recomputed block's bf16 copies of fp32 weights (LoRA, PadaLN) to the end.
+
 `trainable_parameters` decides what trains: every parameter in full fine-tuning; with
 `module.lora.rank` it adds the LoRA adapters to the meta model (`models.lora.add_lora`, as training
 does) and only the adapters and the pose branch (PadaLN) train, the frozen base counted in
@@ -28,6 +44,8 @@ uses the adapted model (a frozen linear saves no input for a weight gradient).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,6 +250,59 @@ def state_rows(kind: str, c: Counts, gpus: int, cfg: DictConfig) -> tuple[dict[s
 
 
 # 3. Activations, measured.
+# CUDA autocast's float32 ops (aten/src/ATen/autocast_mode.h: AT_FORALL_FP32, AT_FORALL_FP32_SET_OPT_DTYPE
+# and norm's fp32_append_dtype) that have no AutocastCPU kernel: the ops CPU autocast leaves in bf16.
+CUDA_FP32_OPS = (
+    "layer_norm", "native_layer_norm", "group_norm", "rms_norm", "softmax.int", "log_softmax.int",
+    "exp", "expm1", "log", "log10", "log1p", "log2", "reciprocal", "rsqrt", "pow.Scalar", "pow.Tensor_Scalar",
+    "pow.Tensor_Tensor", "acos", "asin", "cosh", "sinh", "tan", "erfinv", "softplus", "sum", "sum.dim_IntList",
+    "cumsum", "cumprod", "logsumexp", "norm.Scalar", "norm.ScalarOpt_dim", "linalg_vector_norm",
+    "linalg_matrix_norm", "linalg_matrix_norm.str_ord", "frobenius_norm.dim", "nuclear_norm", "nuclear_norm.dim",
+    "cosine_similarity", "dist", "pdist", "renorm", "upsample_nearest1d", "upsample_nearest2d",
+    "upsample_nearest3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
+    "upsample_linear1d", "upsample_bilinear2d", "_upsample_bilinear2d_aa", "upsample_trilinear3d",
+    "upsample_bicubic2d", "_upsample_bicubic2d_aa",
+)  # fmt: skip
+_LOW = (torch.bfloat16, torch.float16)
+
+
+@contextmanager
+def cuda_autocast_policy() -> Iterator[None]:
+    """While open, CPU autocast computes `CUDA_FP32_OPS` as CUDA autocast does: in fp32, returning fp32
+    (see the module docstring for why the plan needs it). Each op gets a kernel at the AutocastCPU key
+    that, like CUDA's, excludes autocast and calls the op again with every bf16/fp16 tensor argument cast
+    to fp32, or, for the ops with a `dtype` argument (softmax, sum, cumsum, vector norms: CUDA's
+    fp32_set_opt_dtype), with dtype=float32 when none is given and the input is bf16/fp16. Process-wide
+    while open (the dispatcher's registrations); outside autocast it changes nothing."""
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        for name in CUDA_FP32_OPS:
+            base, _, overload = name.partition(".")
+            lib.impl(name, _fp32_kernel(getattr(getattr(torch.ops.aten, base), overload or "default")), "AutocastCPU")
+        yield
+    finally:
+        lib._destroy()
+
+
+def _fp32_kernel(op: Any) -> Any:
+    from torch.utils._pytree import tree_map_only
+
+    names = [a.name for a in op._schema.arguments]
+    below_autocast = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        with torch._C._ExcludeDispatchKeyGuard(below_autocast):
+            if "dtype" not in names:  # CUDA's fp32: every bf16/fp16 tensor argument cast
+                args, kwargs = tree_map_only(torch.Tensor, lambda t: t.float() if t.dtype in _LOW else t,
+                                             (args, kwargs))  # fmt: skip
+            elif args[0].dtype in _LOW:  # CUDA's fp32_set_opt_dtype: computed in fp32 unless a dtype is given
+                call = dict(zip(names, args, strict=False)) | kwargs  # trailing defaults are left out
+                return op(**call | {"dtype": call.get("dtype") or torch.float32})
+            return op(*args, **kwargs)
+
+    return kernel
+
+
 def measure_activations(cfg: DictConfig, frames: int, height: int, width: int, batch: int, checkpointing: bool,
                         num_layers: int | None = None, count_flops: bool = False) -> dict[str, float]:  # fmt: skip
     """Peak bytes of activations and temporaries (weight gradients excluded) while the transformer
@@ -295,9 +366,10 @@ def measure_activations(cfg: DictConfig, frames: int, height: int, width: int, b
     for p in model.parameters():  # LoRA's frozen base: MemTracker would hook every weight's gradient
         if not p.requires_grad:
             tracker._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
-    with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = module.loss(data, generator=torch.Generator().manual_seed(0))
-        loss.backward()
+    with tracker, cuda_autocast_policy():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module.loss(data, generator=torch.Generator().manual_seed(0))
+        loss.backward()  # outside autocast, as Lightning runs it; a checkpointed block's recompute re-enters it
     return {"transformer": _module_peak(tracker, model), "vae": _module_peak(tracker, vae.encoder)}
 
 
@@ -347,8 +419,8 @@ def make_plan(cfg: DictConfig, trainer_name: str, gpus: int, clip: tuple[int, in
     elif measure:
         plan.activations = {ck: activations_by_scaling(cfg, clip, batch, ck) for ck in (True, False)}
     plan.source = (f"activations MEASURED: one DynamiCtrlModule.loss + backward (precomputed batch, reference "
-                   f"VAE encode included, bf16 autocast) under FakeTensorMode with torch's MemTracker, at 2 and 3 "
-                   f"full-size blocks and the full clip, extrapolated linearly to {c.layers} blocks"
+                   f"VAE encode included, bf16 autocast with CUDA autocast's fp32 ops) under FakeTensorMode with "
+                   f"torch's MemTracker, at 2 and 3 full-size blocks and the full clip, extrapolated linearly to {c.layers} blocks"
                    if plan.activations else "activations not measured (measure=false)")  # fmt: skip
     return plan
 
