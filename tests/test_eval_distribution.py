@@ -10,8 +10,9 @@ from dynamictrl import config
 from dynamictrl.errors import UserError
 from dynamictrl.eval import backbones as B
 from dynamictrl.eval import distribution as D
+from dynamictrl.eval.metrics import video_metrics
 from dynamictrl.eval.run import run, score
-from dynamictrl.utils.video import write_video
+from dynamictrl.utils.video import read_frames_dir, read_video, write_video
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +111,23 @@ def test_dataset_mode_generates_resumes_and_scores(tmp_path, raw_data, tiny_mode
     assert not (tmp_path / "out" / "generated").exists()
     result = run(config.load("eval", args))
     name = "synth0003"
-    gen = tmp_path / "out" / "generated" / f"{name}.mp4"
-    assert gen.is_file() and (tmp_path / "out" / "reference" / name / "images").is_dir()
+    gen = tmp_path / "out" / "generated" / name  # lossless PNG frames, scored as they are
+    assert sorted(p.name for p in gen.iterdir()) == [f"{i:05d}.png" for i in range(20)]
+    assert not list((tmp_path / "out" / "generated").rglob("*.mp4"))
+    assert (tmp_path / "out" / "animate" / f"{name}.mp4").is_file()  # the mp4, for viewing only
+    assert (tmp_path / "out" / "reference" / name / "images").is_dir()
     assert result["videos"] == 1 and result["frames"] == 20  # exactly the ground truth's frame count
     assert json.loads(gen.with_suffix(".json").read_text())["prompt_used"].startswith("The person")
-    stamp = gen.stat().st_mtime_ns
+    # the scores are those of the PNG frames against the ground truth, not of the H.264 copy
+    truth = read_frames_dir(tmp_path / "out" / "reference" / name / "images")
+    protocol = result["protocol"]["name"]
+    l1 = np.mean(video_metrics(read_frames_dir(gen), truth, protocol)["l1"])
+    assert result["l1"] == pytest.approx(l1, rel=1e-6)
+    decoded, _ = read_video(tmp_path / "out" / "animate" / f"{name}.mp4")
+    assert np.mean(video_metrics(decoded, truth, protocol)["l1"]) != pytest.approx(l1, rel=1e-6)
+    stamp = (gen / "00000.png").stat().st_mtime_ns
     again = run(config.load("eval", args))  # resumable: the finished video is not generated again
-    assert gen.stat().st_mtime_ns == stamp and again["l1"] == pytest.approx(result["l1"])
+    assert (gen / "00000.png").stat().st_mtime_ns == stamp and again["l1"] == pytest.approx(result["l1"])
 
 
 def test_tiktok_layout_selects_the_test_videos(tmp_path):

@@ -10,7 +10,9 @@
   the paper's background control. Every chained clip's reference (a generated frame) gets its own mask.
 - Clip length, sizes and reference scaling default to the model's own settings (`pipe.settings`: the
   released inference's for a released folder, else the model's `dynamictrl.json`).
-Writes the video, a side-by-side video (reference | pose | output) and a JSON of every setting.
+- The reference picture is read upright: its EXIF orientation is applied (phone photos).
+Writes the video, a side-by-side video (reference | pose | output) and a JSON of every setting, and
+with `frames_dir=` the video's frames as lossless PNGs.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dynamictrl.models.pipeline import RELEASED_SETTINGS, DynamiCtrlPipeline, re
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 from dynamictrl.pose import layout as L
 from dynamictrl.pose.render import render_pose, render_video
-from dynamictrl.utils.video import read_image, read_video, write_video
+from dynamictrl.utils.video import read_image, read_video, write_frames, write_video
 
 
 def load_pipeline(model: str | Path | None = None, lora: str | Path | None = None,
@@ -373,6 +375,8 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
               "to match)")  # fmt: skip
     out = Path(cfg.output)
     write_video(out, video, fps)
+    if cfg.get("frames_dir"):  # the same frames, lossless (eval scores these, not the H.264 copy)
+        write_frames(cfg.frames_dir, video)
     side = write_video(out.with_name(out.stem + "_side.mp4"), side_by_side(ref, pose, video), fps)
     settings = OmegaConf.to_container(cfg, resolve=True) | {
         "prompt_used": prompt, "fps": fps, "frames": len(video), "height": height, "width": width,
@@ -381,4 +385,5 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
     }  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(settings, indent=1))
     print(f"animate: {len(video)} frames at {fps:g} fps, {height}x{width} -> {out} (side by side: {side})")
-    return {"output": str(out), "side_by_side": str(side), "frames": len(video), "fps": fps, "aligned": aligned}
+    return {"output": str(out), "side_by_side": str(side), "frames": len(video), "fps": fps, "aligned": aligned,
+            "frames_dir": cfg.get("frames_dir")}  # fmt: skip

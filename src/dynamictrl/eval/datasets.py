@@ -8,8 +8,10 @@
 
 Each test video is animated from its own first frame, driven by its own frames (poses extracted and
 aligned by the animate stage), with its caption as the prompt, to exactly its own frame count. The
-generated videos go to `OUTPUT/generated/NAME.mp4` (with the animate stage's NAME.json of settings),
-and `OUTPUT/reference/NAME` links to the ground truth, so scoring pairs them by name.
+generated frames go to `OUTPUT/generated/NAME/00000.png, ...`, lossless (animate's `frames_dir`), with
+the animate stage's NAME.json of settings beside them, and `OUTPUT/reference/NAME` links to the
+ground truth, so scoring pairs them by name and no H.264 encoding moves the scores. The mp4s, for
+viewing, go to `OUTPUT/animate/NAME.mp4` and `NAME_side.mp4` (reference | pose | output).
 Generation is resumable (a video with its NAME.json is done) and split by rank: rank r of N takes
 videos r, r+N, ... (`rank`/`world_size`, else SLURM array or torchrun variables).
 """
@@ -142,12 +144,11 @@ def generate(cfg: DictConfig, videos: list[TestVideo], out: Path) -> dict[str, i
                 raise UserError(f"{v.source}: no caption (caption.txt / NAME.txt) and no default_prompt")
             anim = base.copy()
             anim.image, anim.driving, anim.prompt = str(image), str(driving), prompt
-            anim.output, anim.num_frames, anim.fps = str(out / "generated" / f"{name}.mp4"), len(frames), fps
-            anim.progress = False
-            result = animate_run(anim, pipe=pipe, backend=backend)
-            side = out / "animate_side_by_side" / f"{name}.mp4"  # out of generated/, which is scored by name
-            side.parent.mkdir(exist_ok=True)
-            Path(result["side_by_side"]).replace(side)
+            anim.output, anim.frames_dir = str(out / "animate" / f"{name}.mp4"), str(out / "generated" / name)
+            anim.num_frames, anim.fps, anim.progress = len(frames), fps, False
+            animate_run(anim, pipe=pipe, backend=backend)
+            # last: NAME.json marks the video done, and gives the clip metrics its prompt
+            Path(anim.output).with_suffix(".json").replace(out / "generated" / f"{name}.json")
             stats["generated"] += 1
     finally:
         backend.close()

@@ -158,11 +158,12 @@ def sidecar_mask_files(item: Item) -> list[Path] | None:
 
 
 def read_masks(files: list[Path], indices: np.ndarray, height: int, width: int) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if not files or len(files) <= indices.max():
         raise Reject(f"sidecar masks: {len(files)} files for {indices.max() + 1} frames")
-    masks = [np.asarray(Image.open(files[i]).convert("L")) > 127 for i in indices]
+    # upright as the frames are read (utils.video.read_image applies the EXIF orientation)
+    masks = [np.asarray(ImageOps.exif_transpose(Image.open(files[i])).convert("L")) > 127 for i in indices]
     return np.stack([m if m.shape == (height, width) else cv2.resize(m.astype(np.uint8), (width, height)) > 0
                      for m in masks])  # fmt: skip
 

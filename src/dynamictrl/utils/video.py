@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dynamictrl.errors import UserError
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+FRAME_NAME = re.compile(r"\d{5}\.png")  # write_frames' names
 
 
 class VideoStream:
@@ -117,15 +119,32 @@ def read_frames_dir(folder: str | Path) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB."""
+    """An image file as (H, W, 3) uint8 RGB, upright: its EXIF orientation applied (a phone photo
+    stores its pixels sideways and says so there). Animate's reference and every frame-folder image
+    (eval, preprocess) are read here."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: unreadable image ({err})") from None
+
+
+def write_frames(folder: str | Path, frames: np.ndarray) -> Path:
+    """Write (T, H, W, 3) uint8 RGB frames losslessly as FOLDER/00000.png, 00001.png, ... The frames
+    of an earlier run in that folder (files named like these) are removed first, so the folder holds
+    exactly these frames; other files stay."""
+    frames = _checked(frames)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if FRAME_NAME.fullmatch(old.name):
+            old.unlink()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"{i:05d}.png")
+    return folder
 
 
 def read_any(path: str | Path) -> tuple[np.ndarray, float | None]:
@@ -153,10 +172,15 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 16)
     return path
 
 
-def _write(fileobj, frames: np.ndarray, fps: float, crf: int, fmt: str) -> None:
+def _checked(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T, H, W, 3) uint8; got {frames.shape} {frames.dtype}")
+    return frames
+
+
+def _write(fileobj, frames: np.ndarray, fps: float, crf: int, fmt: str) -> None:
+    frames = _checked(frames)
     h, w = frames.shape[1:3]
     if h % 2 or w % 2:  # yuv420p needs even sizes
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
