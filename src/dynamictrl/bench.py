@@ -4,11 +4,13 @@ Model: forward+backward step time of the base CogVideoX transformer and of each 
 at one mid-size config, measured round-robin in one process so that ratios are side by side; plus
 the parameter overhead of each variant at 5B (built on the meta device). Eval: frames/s of each
 metric. Preprocessing: frames/s of each backend (`dynamictrl.preprocess.bench`). Training: loader
-throughput, step time and memory per trainer config (`dynamictrl.train.bench`). Absolute times on a
-shared machine are noise; the ratios are the result.
+throughput, step time and memory per trainer config (`dynamictrl.train.bench`). VAE: peak memory of
+encoding and decoding one 37-frame clip with and without VAE tiling (the tiny shipped VAE, at the
+1360x768 frame-to-tile geometry scaled down). Absolute times on a shared machine are noise; the
+ratios are the result.
 
     make bench                      # every section
-    make bench ARGS="preprocess"    # some: model eval preprocess train
+    make bench ARGS="preprocess"    # some: model eval preprocess train vae
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import CogVideoXTransformer3DModel
@@ -113,7 +117,59 @@ def bench_eval(frames: int = 32, size: tuple[int, int] = (256, 256)) -> dict:
     return {"frames": frames, "size": list(size), "device": device, "frames_per_s": out}
 
 
-SECTIONS = ("model", "eval", "preprocess", "train")
+# The VAE section: the released 1360x768 frames against the CogVideoX VAE's 240x360 tile (half its 480x720
+# sample size), scaled down by 5 for the tiny VAE (stride 4 instead of 8); tile sizes whose overlaps land
+# on whole latents, as the real tile's do.
+VAE_FRAME, VAE_TILE, VAE_FRAMES = (152, 272), (48, 80), 37
+REAL_FRAME, REAL_TILE = (768, 1360), (240, 360)
+
+
+def _peak_mb(job: Callable[[], Any], device: str) -> float:
+    """Peak memory (MB) `job` adds above what is held before it: CUDA allocations on a GPU, else resident
+    memory (Linux: peak RSS reset through /proc/self/clear_refs)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        job()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    def status(key: str) -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+        return int(line.split()[1])  # kB
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    base = status("VmRSS:")
+    job()
+    return (status("VmHWM:") - base) / 1024
+
+
+def bench_vae(device: str) -> dict:
+    """Peak memory of VAE encode and decode of one clip, untiled and tiled (tiny shipped VAE)."""
+    from dynamictrl.models import embedded
+
+    vae = (embedded.shipped_vae() or embedded.AutoencoderKLCogVideoX(**embedded.VAE)).to(device).eval()
+    (h, w), (th, tw) = VAE_FRAME, VAE_TILE
+    g = torch.Generator().manual_seed(0)
+    video = (torch.rand(1, 3, VAE_FRAMES, h, w, generator=g) * 2 - 1).to(device)
+    with torch.no_grad():
+        latents = vae.encode(video).latent_dist.mode()
+    out = {"device": device, "frame": [h, w], "tile": [th, tw], "frames": VAE_FRAMES, "peak_mb": {}}
+    for tiled in (False, True):
+        if tiled:
+            vae.enable_tiling(tile_sample_min_height=th, tile_sample_min_width=tw)
+        else:
+            vae.disable_tiling()
+        with torch.no_grad():
+            out["peak_mb"][f"encode{' tiled' if tiled else ''}"] = _peak_mb(lambda: vae.encode(video), device)
+            out["peak_mb"][f"decode{' tiled' if tiled else ''}"] = _peak_mb(lambda: vae.decode(latents), device)
+    m = out["peak_mb"]
+    out["saved"] = {k: 1 - m[f"{k} tiled"] / m[k] for k in ("encode", "decode")}
+    return out
+
+
+SECTIONS = ("model", "eval", "preprocess", "train", "vae")
 
 
 def run(output: str | Path = "outputs/bench", sections: tuple[str, ...] = SECTIONS) -> dict:
@@ -155,6 +211,17 @@ def run(output: str | Path = "outputs/bench", sections: tuple[str, ...] = SECTIO
 
         results["train"], more = train_bench.run()
         lines += more
+    if "vae" in sections:
+        results["vae"] = [bench_vae(d) for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])]
+        lines += ["## VAE tiling: peak memory of one clip", "",
+                  f"{VAE_FRAMES} frames at {VAE_FRAME[0]}x{VAE_FRAME[1]}, tile {VAE_TILE[0]}x{VAE_TILE[1]}: the released "
+                  f"{REAL_FRAME[1]}x{REAL_FRAME[0]} against the CogVideoX VAE's {REAL_TILE[0]}x{REAL_TILE[1]} tile, scaled "
+                  "down 5x for the tiny VAE.", "", "| device | pass | untiled (MB) | tiled (MB) | saved |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in results["vae"]:
+            m = r["peak_mb"]
+            lines += [f"| {r['device']} | {k} | {m[k]:.0f} | {m[f'{k} tiled']:.0f} | {r['saved'][k]:.0%} |"
+                      for k in ("encode", "decode")]  # fmt: skip
+        lines.append("")
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     (out / "bench.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -1,8 +1,8 @@
 """make animate: a reference picture + a pose video (or a raw driving video) + a prompt -> a video.
 
 - `driving=` videos go through the configured pose backend; the driving skeleton is retargeted to
-  the reference person (`align=true`), and the reference's own pose starts the sequence, as in the
-  official inference.
+  the reference person (`align=true`), and the reference's own pose starts the sequence (our default;
+  `preset=official` runs the official script's inference instead: `PRESETS`, docs/MODEL.md).
 - Videos longer than the model's clip are chained: each next clip starts from an already generated
   frame (the previous clip's last one, or `overlap` frames earlier with a linear cross-fade over the
   overlap), so any length comes out with exactly the requested number of frames.
@@ -29,6 +29,7 @@ import torch
 from diffusers import CogVideoXDPMScheduler
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from tqdm.auto import tqdm
 
 from dynamictrl.animate.align import retarget
@@ -108,6 +109,13 @@ def fit(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(frame[y0:y1, x0:x1], (width, height), interpolation=cv2.INTER_AREA)
 
 
+def stretch(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize to (height, width) with no crop, PIL Lanczos (the official script's reference resize)."""
+    if frame.shape[:2] == (height, width):
+        return frame
+    return np.array(Image.fromarray(frame).resize((width, height), Image.LANCZOS))
+
+
 def fit_keypoints(kpts: np.ndarray, h: int, w: int, height: int, width: int) -> np.ndarray:
     """Normalised keypoints of an h x w frame -> normalised keypoints of its `fit` to height x width."""
     x0, y0, x1, y1 = crop_region(h, w, height, width)
@@ -120,6 +128,55 @@ def fit_keypoints(kpts: np.ndarray, h: int, w: int, height: int, width: int) -> 
 
 
 OFFICIAL_BUCKETS = RELEASED_SETTINGS["buckets"]  # DynamiCtrl's published inference size, both orientations
+
+# What each `preset` sets where the command line leaves a key null: ours, and the official inference
+# script's (docs/MODEL.md lists the differences). `vae_tiling: None` is "when the frame exceeds a tile": the
+# official script's always-on tiling does nothing below a tile either.
+PRESETS = {
+    None: {"seed": 0, "steps": 25, "guidance_scale": 3.0, "frame_trim": "aligned", "prepend_reference_pose": True,
+           "align": True, "resize": "crop", "sample_posterior": False, "vae_tiling": None, "vae_slicing": False,
+           "clip_frames": None, "reference_scaling": None},
+    "official": {"seed": 42, "steps": 50, "guidance_scale": 3.0, "frame_trim": "official", "prepend_reference_pose": False,
+                 "align": False, "resize": "stretch", "sample_posterior": True, "vae_tiling": None, "vae_slicing": True,
+                 "clip_frames": 37, "reference_scaling": "official"},
+}  # fmt: skip
+
+
+def resolve(cfg: DictConfig) -> dict[str, Any]:
+    """The settings `PRESETS` governs: each the command line's value if given, else the preset's."""
+    preset = cfg.get("preset")
+    if preset not in PRESETS:
+        raise UserError(f"preset={preset}: choose official or leave it unset")
+    opts = {k: v if cfg.get(k) is None else cfg.get(k) for k, v in PRESETS[preset].items()}
+    if opts["resize"] not in ("crop", "stretch"):
+        raise UserError(f"resize={opts['resize']}: choose crop or stretch")
+    return opts
+
+
+def tiles_exactly(vae) -> bool:
+    """Whether diffusers' CogVideoX tiling reassembles this VAE's tiles to the full frame: each tile's
+    kept part (tile minus blend) must equal the stride between tiles, in pixels and latents, for encode
+    and decode (true of CogVideoX's own 240x360 tile; other tile sizes come back cropped wrongly)."""
+    stride = 2 ** (len(vae.config.block_out_channels) - 1)
+    for sample, latent, f in ((vae.tile_sample_min_height, vae.tile_latent_min_height, vae.tile_overlap_factor_height),
+                              (vae.tile_sample_min_width, vae.tile_latent_min_width, vae.tile_overlap_factor_width)):  # fmt: skip
+        encode_ok = int(sample * (1 - f)) == (latent - int(latent * f)) * stride
+        decode_ok = int(latent * (1 - f)) * stride == sample - int(sample * f)
+        if sample != latent * stride or not (encode_ok and decode_ok):
+            return False
+    return True
+
+
+def vae_tiling(vae, height: int, width: int, wanted: bool | None) -> bool:
+    """Whether to tile the VAE: `wanted`, or (None) when a height x width frame exceeds the VAE's tile and
+    the tiles reassemble exactly (`tiles_exactly`); `wanted=True` on a VAE whose tiles do not is an error."""
+    exact = tiles_exactly(vae)
+    if wanted and not exact:
+        raise UserError(f"vae_tiling=true: this VAE's {vae.tile_sample_min_height}x{vae.tile_sample_min_width} tiles "
+                        "do not reassemble to the full frame in diffusers' tiling; give vae_tiling=false")  # fmt: skip
+    if wanted is not None:
+        return bool(wanted)
+    return exact and (height > vae.tile_sample_min_height or width > vae.tile_sample_min_width)
 
 
 def default_clip_frames(pipe: DynamiCtrlPipeline) -> int:
@@ -292,18 +349,21 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
         raise UserError(f"no prompt: give prompt='...' or put a caption in {image_path.with_suffix('.txt')} "
                         f"(caption models come with the caption backends)")  # fmt: skip
 
+    opts = resolve(cfg)
     pipe = pipe or load_pipeline(cfg.get("model"), cfg.get("lora"), cfg.get("lora_scale", 1.0))
     defaults = pipe.settings
     height, width = choose_size(image, cfg.get("buckets") or defaults.get("buckets") or OFFICIAL_BUCKETS)
     height, width = int(cfg.get("height") or height), int(cfg.get("width") or width)
-    clip_frames = int(cfg.clip_frames or default_clip_frames(pipe))
-    reference_scaling = cfg.get("reference_scaling") or pipe.reference_scaling
+    clip_frames = int(opts["clip_frames"] or default_clip_frames(pipe))
+    reference_scaling = opts["reference_scaling"] or pipe.reference_scaling
     try:  # before any pose extraction: a wrong clip length or convention is the user's to fix
-        codec = pipe.latent_codec(reference_scaling, cfg.get("frame_trim"))
+        codec = pipe.latent_codec(reference_scaling, opts["frame_trim"])
         codec.check_frames(clip_frames, "clip_frames")
     except ValueError as err:
         raise UserError(str(err)) from None
-    ref = fit(image, height, width)
+    resize = {"crop": fit, "stretch": stretch}[opts["resize"]]
+    prepend = bool(opts["prepend_reference_pose"])
+    ref = resize(image, height, width)
     own_backend = backend is None
     backend = instantiate(cfg.pose_backend) if own_backend else backend
     backend.reset()
@@ -314,23 +374,23 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
     # Driving poses: keypoints when we have them (driving= or a .npy beside the pose video).
     kpts = None
     if cfg.get("driving"):
-        kpts = extract_poses(np.stack([fit(f, height, width) for f in frames]), backend, progress=cfg.progress)
+        kpts = extract_poses(np.stack([resize(f, height, width) for f in frames]), backend, progress=cfg.progress)
         if not L.body_detected(kpts).any():
             raise UserError(f"driving={source}: no person found in any frame")
-    elif source.with_suffix(".npy").is_file():
+    elif source.with_suffix(".npy").is_file() and opts["resize"] == "crop":  # stretch: the video's frames as they are
         raw = np.load(source.with_suffix(".npy"), allow_pickle=False)
         kpts = fit_keypoints(raw.astype(np.float32), *frames.shape[1:3], height, width)
-    aligned = bool(cfg.align and kpts is not None)
+    aligned = bool(opts["align"] and kpts is not None)
     if aligned:
         px = np.array([width, height, 1.0], np.float32)
         kpts = retarget(kpts * px, ref_k * px) / px
-    pose = render_video(kpts, height, width) if kpts is not None else np.stack([fit(f, height, width) for f in frames])
+    pose = render_video(kpts, height, width) if kpts is not None else np.stack([resize(f, height, width) for f in frames])
 
     n = int(cfg.num_frames or len(pose))
     if len(pose) < n:  # hold the last driving pose
         pose = np.concatenate([pose, np.repeat(pose[-1:], n - len(pose), axis=0)])
     pose = pose[:n]
-    if cfg.prepend_reference_pose:
+    if prepend:
         pose = np.concatenate([render_pose(ref_k, height, width)[None], pose])
     masker = None
     if cfg.get("background"):
@@ -344,20 +404,19 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
     device = local_device("auto")
     dtype = getattr(torch, cfg.dtype) if cfg.get("dtype") else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     pipe.to(dtype=dtype)
-    if cfg.vae_tiling:
-        pipe.vae.enable_tiling()
-    if cfg.vae_slicing:
-        pipe.vae.enable_slicing()
+    tiling = vae_tiling(pipe.vae, height, width, opts["vae_tiling"])
+    pipe.vae.enable_tiling() if tiling else pipe.vae.disable_tiling()  # a passed-in pipe keeps no earlier choice
+    pipe.vae.enable_slicing() if opts["vae_slicing"] else pipe.vae.disable_slicing()
     if cfg.cpu_offload and device.startswith("cuda"):
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     try:
-        video = animate(pipe, ref, pose, prompt, clip_frames, n + int(bool(cfg.prepend_reference_pose)), int(cfg.seed),
-                        int(cfg.overlap), cfg.progress, mask_for=masker, num_inference_steps=int(cfg.steps),
-                        guidance_scale=float(cfg.guidance_scale), negative_prompt=cfg.negative_prompt,
-                        cfg_separate_passes=bool(cfg.cfg_separate_passes),
-                        reference_scaling=reference_scaling, frame_trim=codec.frame_trim)  # fmt: skip
+        video = animate(pipe, ref, pose, prompt, clip_frames, n + int(prepend), int(opts["seed"]),
+                        int(cfg.overlap), cfg.progress, mask_for=masker, num_inference_steps=int(opts["steps"]),
+                        guidance_scale=float(opts["guidance_scale"]), negative_prompt=cfg.negative_prompt,
+                        cfg_separate_passes=bool(cfg.cfg_separate_passes), reference_scaling=reference_scaling,
+                        frame_trim=codec.frame_trim, sample_posterior=bool(opts["sample_posterior"]))  # fmt: skip
     except ValueError as err:
         raise UserError(str(err)) from None
     finally:
@@ -365,7 +424,7 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
             masker.close()
         if own_backend:
             backend.close()
-    if cfg.prepend_reference_pose:  # the first frame is the reference itself
+    if prepend:  # the first frame is the reference itself
         video, pose = video[1:], pose[1:]
     fps = float(cfg.fps or src_fps)
     model_fps = defaults.get("fps")
@@ -378,7 +437,7 @@ def run(cfg: DictConfig, pipe: DynamiCtrlPipeline | None = None, backend=None) -
     if cfg.get("frames_dir"):  # the same frames, lossless (eval scores these, not the H.264 copy)
         write_frames(cfg.frames_dir, video)
     side = write_video(out.with_name(out.stem + "_side.mp4"), side_by_side(ref, pose, video), fps)
-    settings = OmegaConf.to_container(cfg, resolve=True) | {
+    settings = OmegaConf.to_container(cfg, resolve=True) | opts | {"vae_tiling": tiling} | {  # the values used
         "prompt_used": prompt, "fps": fps, "frames": len(video), "height": height, "width": width,
         "clip_frames": clip_frames, "aligned": aligned, "device": device, "dtype": str(dtype),
         "reference_scaling_used": reference_scaling, "frame_trim": codec.frame_trim, "model_settings": defaults,

@@ -15,7 +15,7 @@ Frame policy per model version:
     are decoded together, as the official pipeline decodes them, to T+3 frames; the 3 leading ones
     (the extra copies of frame 0) are dropped, so decoded frame i lines up with input (pose) frame i.
     The official script keeps the first T decoded frames instead, which lags the poses by 3 frames;
-    `frame_trim="official"` does the same, to reproduce its outputs frame for frame.
+    `frame_trim="official"` does the same (part of animate's `preset=official`, which reproduces it).
 
 Reference scaling (`reference_scaling`): how the reference image's latent is scaled before it is
 concatenated with the noisy latent. Target and pose latents are always multiplied by the VAE's

@@ -156,6 +156,7 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
         cfg_separate_passes: bool = False,
         reference_scaling: str | None = None,
         frame_trim: str | None = None,
+        sample_posterior: bool = False,
     ) -> CogVideoXPipelineOutput | tuple:
         """Animate one reference image.
 
@@ -177,6 +178,9 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
                 loaded model's (`settings`).
             frame_trim: `aligned` (default: decoded frame i follows pose i) | `official` (the official
                 script's first T of T+3 decoded frames, 3 frames behind; only for reproducing its outputs).
+            sample_posterior: encode with VAE posterior samples drawn from `generator` (the reference,
+                then the pose video, both before the starting noise: the official inference's order)
+                instead of the posterior modes (default: deterministic conditioning).
 
         Returns:
             `CogVideoXPipelineOutput` whose `frames` is a list with one (T, H, W, 3) uint8 array of exactly
@@ -205,16 +209,18 @@ class DynamiCtrlPipeline(CogVideoXImageToVideoPipeline):
         dtype = prompt_embeds.dtype
         text = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
 
-        # 2. Reference and pose through the shared VAE.
+        # 2. Reference, then pose, through the shared VAE (with `sample_posterior` the order is the
+        # generator's draw order, and both draws come before the noise's).
         ref = np.asarray(image)
         if reference_mask is not None:
             ref = ref * np.asarray(reference_mask, dtype=bool)[..., None]
         ref_t = Z.frames_to_tensor(ref[None], device).squeeze(1)[None]  # (1, 3, H, W)
         if ref_t.shape[-2:] != (height, width):
             ref_t = F.interpolate(ref_t, size=(height, width), mode="bilinear", align_corners=False)
-        pose_lat = codec.encode_video(Z.frames_to_tensor(pose, device)[None]).to(dtype)  # (1, F, C, h, w)
-        n_lat = pose_lat.shape[1]
-        image_lat = codec.encode_reference(ref_t, n_lat).to(dtype)
+        n_lat = codec.latent_frames(num_frames)
+        posterior = {"sample": sample_posterior, "generator": generator}
+        image_lat = codec.encode_reference(ref_t, n_lat, **posterior).to(dtype)  # (1, F, C, h, w)
+        pose_lat = codec.encode_video(Z.frames_to_tensor(pose, device)[None], **posterior).to(dtype)  # (1, F, C, h, w)
         pose_lat, image_lat = codec.pad(pose_lat), codec.pad(image_lat)  # (1, F', C, h, w), F' % patch_size_t == 0
 
         # 3. Noise and timesteps (trailing spacing is in the scheduler config).
