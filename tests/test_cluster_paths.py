@@ -156,7 +156,8 @@ def test_fsdp2_offload_fills_on_the_host_and_does_not_move_the_shards():
     s.model = torch.nn.Linear(2, 2)
     s.model_to_device()  # Lightning's setup calls this; a move to cuda would fail here (no GPU)
     assert s.model.weight.device.type == "cpu"
-    assert FSDP2Strategy(cpu_offload=False, **{}).cpu_offload is False
+    s.cpu_offload = False
+    assert s.fill_device == torch.device("cuda", 0)  # without offload the shards are filled on the GPU
 
 
 # RoPE in fp32 under FSDP2's bf16 policy, as inference computes it.

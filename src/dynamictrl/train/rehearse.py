@@ -244,12 +244,12 @@ def rehearse(row: Row, model: Path, shards: Path, out: Path, timeout: float) -> 
     resumed, straight = losses(runs["resumed"]), losses(runs["straight"])
     res["steps"], res["first_loss"] = max(resumed, default=-1) + 1, straight.get(0)
     tail = range(KILL_AT, TOTAL)
+    export = exported(runs["resumed"], row.lora)
     res["resume_equal"] = all(k in resumed and k in straight and resumed[k] == straight[k] for k in tail) and same(
-        exported(runs["resumed"], row.lora), exported(runs["straight"], row.lora))  # fmt: skip
+        export, exported(runs["straight"], row.lora))  # fmt: skip
     (out / "gather").mkdir()
     with open(log, "a") as quiet, contextlib.redirect_stdout(quiet):  # DeepSpeed's converter prints
         ckpt = gathered(runs["resumed"] / "checkpoints" / "last.ckpt", out / "gather")
-    export = exported(runs["resumed"], row.lora)
     res["export_equal"] = same(export, ckpt)
     ids = {r["result"].get("wandb_id") for r in reports["resumed"]}  # every task of the resumed run
     res["wandb_ids"] = sorted(str(i) for i in ids)
