@@ -22,6 +22,7 @@ def _init(rank: int, port: int, fn, args) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         fn(rank, *args)
+        dist.barrier()  # no rank tears down its process group (and DeepSpeed's CPU comm op) while another still uses it
     finally:
         dist.destroy_process_group()
 
