@@ -11,6 +11,6 @@ STEPS=${1:-8000}
 DEVICE=${DEVICE:-cuda}   # DEVICE=cpu for a smoke run
 ARCH=${2:-'{"block_out_channels": [64, 64, 128], "layers_per_block": 2, "temporal_compression_ratio": 2}'}
 # the demo's held-out clips (synthetic data and shards; a minute on CPU, skipped when present)
-$PY -c "from dynamictrl.demo import make_demo_data; from dynamictrl import config; make_demo_data(config.load('demo').data)"
+$PY -c "from dynamictrl.data.demo_data import make_demo_data; from dynamictrl import config; make_demo_data(config.load('demo').data)"
 PYTHONPATH=src $PY scripts/vae_fit_exp.py gpu "$STEPS" --device "$DEVICE" --arch "$ARCH" --clip-share 0.75 --clip-batch 4
 PYTHONPATH=src $PY scripts/vae_ceiling.py outputs/vae_exp/gpu.safetensors

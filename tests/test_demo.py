@@ -9,7 +9,7 @@ import pytest
 from dynamictrl import config
 from dynamictrl.demo import run
 from dynamictrl.models import embedded
-from dynamictrl.utils.video import read_video
+from dynamictrl.utils.video import read_frames_dir
 
 
 @pytest.mark.slow
@@ -28,6 +28,7 @@ def test_the_demo_chain_writes_its_reports_videos_and_pictures(tiny_model, tmp_p
     for label in ("trained", "untrained", "static_reference", "vae_ceiling"):
         m = report[label]
         assert 0 < m["l1"] and 0 < m["psnr_star"] < 100 and -1 <= m["ssim"] <= 1
+        assert 0 < m["figure_psnr"] < 100 and -1 <= m["figure_ssim"] <= 1  # inside the person masks' union
         assert 0 <= m["pose_pck"] <= 1  # MediaPipe on the generated clips against the driving ones
         ev = out / "eval" / label
         assert {p.name for p in ev.iterdir()} >= {"report.md", "metrics.json", "metrics.csv", "per_video.png",
@@ -35,9 +36,22 @@ def test_the_demo_chain_writes_its_reports_videos_and_pictures(tiny_model, tmp_p
         assert len(list((ev / "side_by_side").glob("*.mp4"))) == 2
         assert "| pose_pck |" in (ev / "report.md").read_text()
     # The static baseline is the reference frame repeated, scored like the models.
-    static, truth = read_video(next((out / "static_reference").glob("*.mp4")))[0], read_video(next((out / "reference").glob("*.mp4")))[0]
-    assert len(static) == len(truth) and all(np.abs(f.astype(int) - static[0]).mean() < 2 for f in static)
-    assert np.abs(static[0].astype(int) - truth[0]).mean() < 2 and np.abs(static[-1].astype(int) - truth[-1]).mean() > 2
+    key = sorted(p.name for p in (out / "reference").iterdir())[0]  # frames, lossless
+    static, truth = read_frames_dir(out / "static_reference" / key), read_frames_dir(out / "reference" / key)
+    assert len(static) == len(truth) and all(np.array_equal(f, static[0]) for f in static)
+    assert np.array_equal(static[0], truth[0]) and np.abs(static[-1].astype(int) - truth[-1]).mean() > 2
+    # Frame 0, the reference, is not scored: the static reference would be exact there.
+    scored = json.loads((out / "eval" / "static_reference" / "metrics.json").read_text())
+    assert scored["first_frame"] == 1 and scored["frames"] == 2 * (len(truth) - 1)
+    assert "not scored" in report["reference_frame"] and "not scored" in (out / "report.md").read_text()
+    # The pose swap: own poses vs another held-out clip's, for both models.
+    assert set(report["pose_swap"]) == {"trained", "untrained"}
+    for gains in report["pose_swap"].values():
+        assert set(gains) == {"psnr_star", "figure_psnr", "ssim"}
+        for g in gains.values():
+            assert g["ci95"][0] <= g["gain"] <= g["ci95"][1] and len(g["per_clip"]) == 2
+    assert len(list((out / "trained_swapped").iterdir())) == 2
+    assert "figure PSNR gain" in (out / "report.md").read_text()
     static_pck = report["static_reference"]["pose_pck"]
     assert report["pck_over_static"] == (pytest.approx(report["trained"]["pose_pck"] / static_pck) if static_pck else None)
     assert "| static_reference |" in (out / "report.md").read_text()

@@ -20,12 +20,15 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dynamictrl import config
-from dynamictrl.demo import generate_all, held_out, make_demo_data
-from dynamictrl.eval.run import score
+from dynamictrl.data.demo_data import make_demo_data
+from dynamictrl.demo import FIRST, generate_all, held_out, masks_of, swap_gains
+from dynamictrl.eval import pose_swap
+from dynamictrl.eval.run import reference_rule, score
 from dynamictrl.models import embedded
-from dynamictrl.utils.video import write_video
+from dynamictrl.utils.video import write_frames
 
-METRICS = ("l1", "ssim", "psnr_star", "pose_pck")
+METRICS = ("l1", "ssim", "psnr_star", "figure_psnr", "figure_ssim", "pose_pck")
+GAINS = tuple(f"swap_{k}" for k in pose_swap.KEYS)  # the pose-swap gains, per run
 # Table 3 (pose control structures) and Table 4 (text in training), TikTok, from the paper.
 PAPER = {
     "uvt": {"table": 3, "ssim": 0.613, "psnr_star": 17.25, "lpips": 0.267, "fvd": 508.25},
@@ -65,10 +68,13 @@ def run_variant(name: str, variant: DictConfig, seed: int, cfg: DictConfig, samp
                  "logger=csv", *([] if variant.text else ["module.text_drop=1.0"]), *cfg.train_overrides]  # fmt: skip
     if not (out / "scores.json").is_file():  # finished runs are kept: a re-run only does what is missing
         trained = train(config.load("train", overrides))
-        generate_all(out / "train", samples, out / "generated", cfg.animate, name,
-                     prompt=None if variant.text else "")  # fmt: skip
-        scores = score(out / "generated", reference, pose_backend=poses, progress=False)
+        prompt = None if variant.text else ""
+        generate_all(out / "train", samples, out / "generated", cfg.animate, name, prompt=prompt)
+        scores = score(out / "generated", reference, pose_backend=poses, progress=False, first=FIRST,
+                       masks=masks_of(samples))  # fmt: skip
         result = {k: scores[k] for k in (*METRICS, "pose_mean_distance")}
+        swap = swap_gains(out / "train", samples, out / "swapped", reference, cfg.animate, name, scores, prompt)
+        result |= {f"swap_{k}": g["gain"] for k, g in swap.items()} | {"pose_swap": swap}
         result |= {"steps": trained["steps"], "step_s": step_seconds(Path(trained["metrics_csv"]))}
         result |= overheads(out / "train" / "transformer", variant.control)
         (out / "scores.json").write_text(json.dumps(result, indent=1))
@@ -80,7 +86,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     out = {}
     for name, results in runs.items():
         row: dict[str, Any] = {"seeds": len(results)}
-        for k in (*METRICS, "step_s"):
+        for k in (*METRICS, *GAINS, "step_s"):
             v = np.array([r[k] for r in results], dtype=float)
             row[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                       "min": float(v.min()), "max": float(v.max()), "values": v.tolist()}  # fmt: skip
@@ -109,17 +115,24 @@ def write_report(summary: dict, cfg: DictConfig, out: Path, seconds: float) -> N
         f"({cfg.data.num_train} training videos), {summary[names[0]]['seeds']} seeds per variant "
         f"({', '.join(map(str, cfg.seeds))}), the same {summary[names[0]]['steps']} steps and recipe for all; each trained model animated "
         f"{cfg.eval_clips} held-out clips ({cfg.animate.steps} steps, CFG {cfg.animate.guidance_scale}; the no-text "
-        f"variant with an empty prompt). Figures are mean ± standard deviation over seeds (protocol `disco`; "
-        f"pose PCK: MediaPipe on generated vs ground-truth frames). Step time: median training step of each run, "
+        f"variant with an empty prompt), {reference_rule(FIRST)}. Figures are mean ± standard deviation over seeds "
+        f"(protocol `disco`; figure PSNR/SSIM: inside the union over the clip of the ground truth's person masks; "
+        f"pose PCK: MediaPipe on generated vs ground-truth frames). Pose-swap gain: each clip generated again "
+        f"driven by another clip's poses (same reference, prompt, seed), score with its own poses minus score "
+        f"with the swapped ones, mean over clips (per run: 95% bootstrap intervals over clips in `ablation.json`); "
+        f"a model that ignores the pose gains 0. Step time: median training step of each run, "
         f"relative to PadaLN's, all measured in this one `make ablation` run. Wall time: {seconds / 60:.1f} min.",
         "",
-        "| variant | L1 | SSIM | PSNR* | pose PCK | step time | pose branch params (tiny) | (5B) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | L1 | SSIM | PSNR* | figure PSNR | figure SSIM | pose PCK | swap gain PSNR* | swap gain figure PSNR "
+        "| swap gain SSIM | step time | pose branch params (tiny) | (5B) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
         r = summary[n]
         lines.append(f"| {n} | {cell(r, 'l1', '.2e')} | {cell(r, 'ssim', '.3f')} | {cell(r, 'psnr_star', '.2f')} | "
-                     f"{cell(r, 'pose_pck', '.3f')} | {r['step_s']['mean'] / ref:.2f}x | {100 * r['overhead']:.1f}% | "
+                     f"{cell(r, 'figure_psnr', '.2f')} | {cell(r, 'figure_ssim', '.3f')} | "
+                     f"{cell(r, 'pose_pck', '.3f')} | {cell(r, 'swap_psnr_star', '.2f')} | {cell(r, 'swap_figure_psnr', '.2f')} | "
+                     f"{cell(r, 'swap_ssim', '.3f')} | {r['step_s']['mean'] / ref:.2f}x | {100 * r['overhead']:.1f}% | "
                      f"{100 * r['overhead_5b']:.1f}% |")  # fmt: skip
     lines += ["", "The paper (TikTok, Tables 3 and 4; LPIPS and FVD need backbone weights we do not have here):", "",
               "| variant | table | SSIM | PSNR* | LPIPS | FVD |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -127,7 +140,8 @@ def write_report(summary: dict, cfg: DictConfig, out: Path, seconds: float) -> N
         p = PAPER[n]
         lines.append(f"| {n} | {p['table']} | {p['ssim']:.3f} | {p['psnr_star']:.2f} | {p['lpips']:.3f} | {p['fvd']:.2f} |")
     lines += ["", "## Orderings", ""]
-    for metric, label, higher in (("psnr_star", "PSNR*", True), ("ssim", "SSIM", True), ("pose_pck", "pose PCK", True)):
+    for metric, label, higher in (("psnr_star", "PSNR*", True), ("ssim", "SSIM", True), ("figure_psnr", "figure PSNR", True),
+                                  ("swap_figure_psnr", "pose-swap gain on figure PSNR", True), ("pose_pck", "pose PCK", True)):
         if len({summary[n][metric]["mean"] for n in names}) == 1:
             lines.append(f"- {label}: all variants equal ({summary[names[0]][metric]['mean']:.3f}); no ordering.")
             continue
@@ -148,7 +162,8 @@ def plot(summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    panels = (("psnr_star", "PSNR* (dB)"), ("ssim", "SSIM"), ("pose_pck", "pose PCK"), ("step_s", "step time (s)"))
+    panels = (("psnr_star", "PSNR* (dB)"), ("figure_psnr", "figure PSNR (dB)"), ("swap_figure_psnr", "pose-swap gain, figure PSNR (dB)"),
+              ("ssim", "SSIM"), ("pose_pck", "pose PCK"), ("step_s", "step time (s)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (k, title) in zip(axes, panels, strict=True):
         means = [summary[n][k]["mean"] for n in names]
@@ -171,8 +186,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     embedded.ensure()
     samples = held_out(shards, cfg.eval_clips)
     reference = out / "reference"
-    for s in samples:
-        write_video(reference / f"{s['key']}.mp4", s["frames"], s["meta"]["fps"])
+    for s in samples:  # lossless, as the demo's
+        write_frames(reference / s["key"], s["frames"])
     from dynamictrl.pose.mediapipe_backend import MediaPipeHolistic
 
     poses = MediaPipeHolistic()

@@ -1,8 +1,10 @@
 """`make demo`: the whole chain on embedded defaults, offline, on CPU.
 
 1. synthetic clips in TikTok layout -> 2. shards -> 3. the embedded tiny model -> 4. training ->
-5. animation of held-out clips by the trained and the untrained model -> 6. evaluation of both ->
-7. report.json, report.md and a side-by-side video (reference | pose | generated | ground truth).
+5. animation of held-out clips by the trained and the untrained model, each clip once with its own
+poses and once with another clip's (the pose swap, `eval/pose_swap.py`) -> 6. evaluation of both
+and of two baselines, over the frames after the reference (frame 0 is given, not generated), whole
+frame and inside the figure's region -> 7. report.json, report.md and a side-by-side video.
 """
 
 from __future__ import annotations
@@ -15,30 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
 from dynamictrl import config
 from dynamictrl.animate.run import load_pipeline, side_by_side
+from dynamictrl.data.demo_data import make_demo_data
 from dynamictrl.data.shards import decode_sample, list_shards
-from dynamictrl.data.synthetic import generate
-from dynamictrl.eval.run import score, write_report
+from dynamictrl.eval import pose_swap
+from dynamictrl.eval.run import reference_rule, score, write_report
 from dynamictrl.models import embedded
-from dynamictrl.utils.video import read_video, write_video
+from dynamictrl.utils.video import read_frames_dir, write_frames, write_video
 
-
-def make_demo_data(cfg: DictConfig | dict) -> Path:
-    """Synthetic videos under ROOT/raw and their shards under ROOT/shards (skipped when present)."""
-    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    root = Path(cfg.root)
-    generate(root / "raw", num_train=cfg.num_train, num_test=cfg.num_test, num_frames=27, seed=cfg.seed)
-    shards = root / "shards"
-    if not list_shards(str(shards / "train-*.tar")):
-        from dynamictrl.preprocess.run import run as preprocess
-
-        preprocess(config.load("preprocess", [f"input={root / 'raw'}", f"output={shards}"]))
-    return shards
+FIRST = 1  # the first scored frame: frame 0 is the reference, given to the model
 
 
 def held_out(shards: Path, limit: int) -> list[dict[str, Any]]:
@@ -47,16 +39,37 @@ def held_out(shards: Path, limit: int) -> list[dict[str, Any]]:
     return samples[:limit]
 
 
-def generate_all(model: str | Path | None, samples: list[dict], folder: Path, cfg: DictConfig, label: str,
-                 prompt: str | None = None) -> None:  # fmt: skip
-    """Animate each held-out clip from its first frame and its poses; `prompt` replaces the captions."""
-    pipe = load_pipeline(model)
+def generate_all(model, samples: list[dict], folder: Path, cfg: DictConfig, label: str,
+                 prompt: str | None = None, swap: bool = False) -> None:  # fmt: skip
+    """Animate each held-out clip from its first frame and its poses; `prompt` replaces the captions.
+    `swap`: each clip driven by another clip's poses instead (`pose_swap.donors`), all else the same.
+    `model`: a pipeline folder, or a loaded pipeline. Frames go to FOLDER/KEY/%05d.png, lossless: H.264
+    is not bit-reproducible here (NOTES), and scores (the pose swap's differences above all) must
+    not move with the encoder."""
+    pipe = load_pipeline(model) if model is None or isinstance(model, str | Path) else model
     pipe.set_progress_bar_config(disable=True)
-    for s in tqdm(samples, desc=f"animate held-out clips ({label})"):
+    drivers = pose_swap.swapped([s["pose"] for s in samples]) if swap else [s["pose"] for s in samples]
+    for s, pose in tqdm(list(zip(samples, drivers, strict=True)), desc=f"animate held-out clips ({label})"):
         g = torch.Generator().manual_seed(cfg.seed)
-        frames = pipe(s["frames"][0], s["pose"], prompt=s["caption"] if prompt is None else prompt, num_inference_steps=cfg.steps,
+        frames = pipe(s["frames"][0], pose_swap.fit_length(pose, len(s["pose"])),
+                      prompt=s["caption"] if prompt is None else prompt, num_inference_steps=cfg.steps,
                       guidance_scale=cfg.guidance_scale, generator=g).frames[0]  # fmt: skip
-        write_video(folder / f"{s['key']}.mp4", frames, s["meta"]["fps"])
+        write_frames(folder / s["key"], frames)
+
+
+def masks_of(samples: list[dict]) -> dict[str, np.ndarray]:
+    """The ground truth's person masks by clip name, for the figure-region scores."""
+    return {s["key"]: s["mask"] for s in samples}
+
+
+def swap_gains(model, samples: list[dict], folder: Path, reference: Path, cfg: DictConfig, label: str, own: dict,
+               prompt: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """The pose-swap gain of a model whose own-pose clips were scored into `own` (`score`'s result,
+    frames from FIRST, with masks): the clips again with swapped poses into `folder`, scored the same
+    way against `reference`, and the per-clip differences (`pose_swap.gains`)."""
+    generate_all(model, samples, folder, cfg, f"{label}, swapped poses", prompt=prompt, swap=True)
+    swapped = score(folder, reference, progress=False, first=FIRST, masks=masks_of(samples))
+    return pose_swap.gains(own["per_video"], swapped["per_video"])
 
 
 ROWS = {  # the report's rows, in order
@@ -77,22 +90,43 @@ def _f(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else f"{value:{fmt}}"
 
 
+def swap_table(swaps: dict[str, dict]) -> str:
+    """The pose-swap gains as markdown rows: `| label | gain [lo, hi] | ... |` per model."""
+    def cell(r: dict | None, fmt: str) -> str:
+        return "n/a" if not r or r["gain"] is None else f"{r['gain']:+{fmt}} [{r['ci95'][0]:{fmt}}, {r['ci95'][1]:{fmt}}]"
+
+    head = "| | PSNR* gain (dB) | figure PSNR gain (dB) | SSIM gain |\n|---|---|---|---|\n"
+    return head + "\n".join(f"| {label} | {cell(g.get('psnr_star'), '.2f')} | {cell(g.get('figure_psnr'), '.2f')} | "
+                            f"{cell(g.get('ssim'), '.3f')} |" for label, g in swaps.items())  # fmt: skip
+
+
 def report_markdown(report: dict[str, Any], samples: list[dict]) -> str:
     rows = "\n".join(
         f"| {label} | {r['l1']:.3e} | {r['ssim']:.3f} | {r['psnr']:.2f} | {r['psnr_star']:.2f} | "
+        f"{_f(r['figure_psnr'], '.2f')} | {_f(r['figure_ssim'], '.3f')} | "
         f"{_f(r['pose_pck'], '.3f')} | {_f(r['pose_mean_distance'], '.3f')} | {ROWS[label]} |"
         for label in LABELS if (r := report[label])
     )  # fmt: skip
     return (
         f"# dynamictrl demo\n\nThe embedded tiny model trained for {report['train_steps']} steps on synthetic clips, "
-        f"scored on {len(samples)} held-out clips (protocol `disco`, see eval/*/report.md). Pose PCK: MediaPipe "
+        f"scored on {len(samples)} held-out clips (protocol `disco`, see eval/*/report.md), {report['reference_frame']}. "
+        f"Figure PSNR and SSIM: the same scores inside the figure's region only (the union over the clip of the "
+        f"ground truth's person masks; `eval/metrics.py`). Pose PCK: MediaPipe "
         f"re-extracts the body keypoints of each generated frame and of the ground-truth frame; a keypoint counts "
         f"when it lies within 0.1 of the person's box of the ground truth's.\n\n"
-        f"| | L1 | SSIM | PSNR (uint8, DisCo) | PSNR* | pose PCK | pose distance | what |\n"
-        f"|---|---|---|---|---|---|---|---|\n{rows}\n\n"
-        f"Trained pose PCK over the static reference's: {_f(report['pck_over_static'], '.2f')}x.\n\n"
-        f"Side by side (reference | pose | generated | ground truth): `side_by_side.mp4`.\n\n"
-        f"![reference | pose | untrained | trained | ground truth, every other frame](side_by_side.png)\n"
+        f"| | L1 | SSIM | PSNR (uint8, DisCo) | PSNR* | figure PSNR | figure SSIM | pose PCK | pose distance | what |\n"
+        f"|---|---|---|---|---|---|---|---|---|---|\n{rows}\n\n"
+        f"Trained over the static reference: figure PSNR {_f(report['figure_psnr_over_static'], '+.2f')} dB, PSNR* "
+        f"{_f(report['psnr_star_over_static'], '+.2f')} dB; pose PCK {_f(report['pck_over_static'], '.2f')}x.\n\n"
+        f"## Pose swap\n\nEach held-out clip animated again from the same reference frame, prompt and seed, but "
+        f"driven by another held-out clip's poses (clip i takes clip i+1's, cyclically); the gain is the score "
+        f"with its own poses minus the score with the swapped ones, against its own ground truth, per clip: mean "
+        f"over clips and 95% bootstrap interval ({pose_swap.RESAMPLES} resamples of the clips). A model that "
+        f"ignores the pose gains exactly 0.\n\n{swap_table(report['pose_swap'])}\n\n"
+        f"Side by side (reference | pose | trained | swapped pose | trained, swapped poses | ground truth): "
+        f"`side_by_side.mp4`; every clip's frames, lossless, in `trained/`, `trained_swapped/`, `untrained/`, ...\n\n"
+        f"![reference | pose | untrained | trained | swapped pose | trained, swapped poses | ground truth, every "
+        f"other frame](side_by_side.png)\n"
     )
 
 
@@ -102,9 +136,9 @@ def write_baselines(model: str | Path, samples: list[dict], out: Path) -> None:
     through the VAE and back (what any model decoding through this VAE can at most reach)."""
     vae = load_pipeline(model).vae
     for s in samples:
-        frames, fps = s["frames"], s["meta"]["fps"]
-        write_video(out / "static_reference" / f"{s['key']}.mp4", np.repeat(frames[:1], len(frames), 0), fps)
-        write_video(out / "vae_ceiling" / f"{s['key']}.mp4", vae_roundtrip(vae, frames), fps)
+        frames = s["frames"]
+        write_frames(out / "static_reference" / s["key"], np.repeat(frames[:1], len(frames), 0))
+        write_frames(out / "vae_ceiling" / s["key"], vae_roundtrip(vae, frames))
 
 
 def vae_roundtrip(vae, frames: np.ndarray) -> np.ndarray:
@@ -130,42 +164,52 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trained = train(train_cfg)
     samples = held_out(shards, cfg.eval_clips)
     print(f"[4/6] animating {len(samples)} held-out clips")
-    for s in samples:
-        write_video(out / "reference" / f"{s['key']}.mp4", s["frames"], s["meta"]["fps"])
-    generate_all(out / "train", samples, out / "trained", cfg.animate, "trained")
-    generate_all(base, samples, out / "untrained", cfg.animate, "untrained")
+    for s in samples:  # the ground truth as decoded from the shards, lossless from here on
+        write_frames(out / "reference" / s["key"], s["frames"])
+    models = {"trained": out / "train", "untrained": base}
+    for label, model in models.items():
+        generate_all(model, samples, out / label, cfg.animate, label)
     write_baselines(base, samples, out)
     print("[5/6] evaluation")
     from dynamictrl.pose.mediapipe_backend import MediaPipeHolistic  # real weights, shipped in the wheel
 
     results, poses = {}, MediaPipeHolistic()
     for label in LABELS:
-        results[label] = score(out / label, out / "reference", pose_backend=poses,
+        results[label] = score(out / label, out / "reference", pose_backend=poses, first=FIRST, masks=masks_of(samples),
                                side_by_side=out / "eval" / label / "side_by_side")  # fmt: skip
         write_report(results[label], out / "eval" / label, title=f"Demo: {label} on held-out clips")
+    swaps = {label: swap_gains(model, samples, out / f"{label}_swapped", out / "reference", cfg.animate, label,
+                               results[label]) for label, model in models.items()}  # fmt: skip
     print("[6/6] report")
-    s = samples[0]
-    untrained = read_video(out / "untrained" / f"{s['key']}.mp4")[0]
-    gen = read_video(out / "trained" / f"{s['key']}.mp4")[0]
-    panel = side_by_side(s["frames"][0], s["pose"], gen, s["frames"])
+    s, donor = samples[0], pose_swap.swapped(samples)[0]
+    untrained, gen, moved = (read_frames_dir(out / label / s["key"]) for label in ("untrained", "trained", "trained_swapped"))
+    donor_pose = pose_swap.fit_length(donor["pose"], len(s["pose"]))
+    panel = side_by_side(s["frames"][0], s["pose"], gen, donor_pose, moved, s["frames"])
     side = write_video(out / "side_by_side.mp4", panel, s["meta"]["fps"])
-    sheet = np.concatenate([side_by_side(s["frames"][0], s["pose"], untrained, gen, s["frames"])[i]
+    sheet = np.concatenate([side_by_side(s["frames"][0], s["pose"], untrained, gen, donor_pose, moved, s["frames"])[i]
                             for i in range(0, len(gen), 2)], axis=0)  # fmt: skip
     Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(out / "side_by_side.png")
-    keys = ("l1", "ssim", "psnr", "psnr_star", "pose_pck", "pose_mean_distance")
+    keys = ("l1", "ssim", "psnr", "psnr_star", "figure_psnr", "figure_ssim", "pose_pck", "pose_mean_distance")
     report = {label: {k: finite(results[label][k]) for k in keys} for label in results}
     t, u, static = report["trained"], report["untrained"], report["static_reference"]
-    report |= {"protocol": results["trained"]["protocol"], "held_out_clips": len(samples),
-               "train_steps": trained["steps"], "seconds": time.perf_counter() - start,
+    report |= {"protocol": results["trained"]["protocol"], "reference_frame": reference_rule(FIRST),
+               "held_out_clips": len(samples), "train_steps": trained["steps"],
+               "pose_swap": swaps, "seconds": time.perf_counter() - start,
                "learned": bool(t["psnr_star"] > u["psnr_star"] and t["l1"] < u["l1"]),
-               "beats_static_reference": bool(t["psnr_star"] > static["psnr_star"] and t["pose_pck"] > static["pose_pck"]),
+               "beats_static_reference": bool(t["psnr_star"] > static["psnr_star"] and t["figure_psnr"] > static["figure_psnr"]),
+               "psnr_star_over_static": t["psnr_star"] - static["psnr_star"],
+               "figure_psnr_over_static": finite(t["figure_psnr"] - static["figure_psnr"]),
                "pck_over_static": t["pose_pck"] / static["pose_pck"] if static["pose_pck"] else None}  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(report_markdown(report, samples))
-    print(f"\ndemo finished in {report['seconds'] / 60:.1f} min:")
+    print(f"\ndemo finished in {report['seconds'] / 60:.1f} min ({report['reference_frame']}):")
     for label in results:
-        print(f"  {label:9s} L1 {report[label]['l1']:.3e}  SSIM {report[label]['ssim']:.3f}  PSNR* {report[label]['psnr_star']:.2f}")
+        r = report[label]
+        print(f"  {label:16s} L1 {r['l1']:.3e}  SSIM {r['ssim']:.3f}  PSNR* {r['psnr_star']:.2f}  "
+              f"figure PSNR {_f(r['figure_psnr'], '.2f')}  figure SSIM {_f(r['figure_ssim'], '.3f')}")  # fmt: skip
+    for label, g in swaps.items():
+        print(f"  pose-swap gain, {label}: {pose_swap.describe(g)}")
     print(f"  trained pose PCK over the static reference's: {_f(report['pck_over_static'], '.2f')}x")
-    print(f"  shards      {shards}\n  checkpoint  {trained['last_ckpt']}\n  videos      {out}/trained, {out}/untrained\n"
+    print(f"  shards      {shards}\n  checkpoint  {trained['last_ckpt']}\n  frames      {out}/trained, {out}/trained_swapped, {out}/untrained\n"
           f"  side by side {side}\n  report      {out}/report.md, {out}/report.json")
     return report

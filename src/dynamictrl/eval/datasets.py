@@ -14,6 +14,10 @@ ground truth, so scoring pairs them by name and no H.264 encoding moves the scor
 viewing, go to `OUTPUT/animate/NAME.mp4` and `NAME_side.mp4` (reference | pose | output).
 Generation is resumable (a video with its NAME.json is done) and split by rank: rank r of N takes
 videos r, r+N, ... (`rank`/`world_size`, else SLURM array or torchrun variables).
+
+`pose_swap=true` generates every test video a second time, driven by another test video
+(`eval.pose_swap.donors`: video i by video i+1's frames, cyclically; the same reference frame, prompt,
+seed and frame count), into `OUTPUT/generated_swapped/` (mp4s in `OUTPUT/animate_swapped/`).
 """
 
 from __future__ import annotations
@@ -110,16 +114,21 @@ def link_reference(video: TestVideo, folder: Path) -> Path:
     return link
 
 
-def generate(cfg: DictConfig, videos: list[TestVideo], out: Path) -> dict[str, int]:
-    """Animate this rank's share of `videos` into OUTPUT/generated; the models load once."""
+def generate(cfg: DictConfig, videos: list[TestVideo], out: Path, swap: bool = False) -> dict[str, int]:
+    """Animate this rank's share of `videos` into OUTPUT/generated; the models load once. `swap`: each
+    driven by its donor's frames (`pose_swap.donors`) instead, into OUTPUT/generated_swapped."""
     from hydra.utils import instantiate
 
     from dynamictrl.animate.run import load_pipeline
     from dynamictrl.animate.run import run as animate_run
+    from dynamictrl.eval.pose_swap import swapped
 
+    suffix = "_swapped" if swap else ""
+    generated, animated, inputs = out / f"generated{suffix}", out / f"animate{suffix}", out / f"inputs{suffix}"
     rank, world = rank_and_world(cfg)
+    drivers = dict(zip((v.name for v in videos), swapped(videos) if swap else videos, strict=True))
     mine = videos[rank::world]
-    todo = [v for v in mine if not (out / "generated" / f"{_safe_name(v.name)}.json").is_file()]
+    todo = [v for v in mine if not (generated / f"{_safe_name(v.name)}.json").is_file()]
     stats = {"videos": len(videos), "this_rank": len(mine), "done_before": len(mine) - len(todo), "generated": 0}
     if not todo:
         return stats
@@ -134,21 +143,21 @@ def generate(cfg: DictConfig, videos: list[TestVideo], out: Path) -> dict[str, i
             frames, fps = read_any(v.source)
             fps = float(fps or cfg.get("default_fps") or 30)
             name = _safe_name(v.name)
-            inputs = out / "inputs"
             inputs.mkdir(parents=True, exist_ok=True)
             image = inputs / f"{name}.png"
             Image.fromarray(frames[0]).save(image)
-            driving = write_video(inputs / f"{name}.mp4", frames, fps, crf=10)
+            driver = frames if drivers[v.name] is v else read_any(drivers[v.name].source)[0]
+            driving = write_video(inputs / f"{name}.mp4", driver, fps, crf=10)
             prompt = v.caption or cfg.get("default_prompt")
             if not prompt:
                 raise UserError(f"{v.source}: no caption (caption.txt / NAME.txt) and no default_prompt")
             anim = base.copy()
             anim.image, anim.driving, anim.prompt = str(image), str(driving), prompt
-            anim.output, anim.frames_dir = str(out / "animate" / f"{name}.mp4"), str(out / "generated" / name)
+            anim.output, anim.frames_dir = str(animated / f"{name}.mp4"), str(generated / name)
             anim.num_frames, anim.fps, anim.progress = len(frames), fps, False
             animate_run(anim, pipe=pipe, backend=backend)
             # last: NAME.json marks the video done, and gives the clip metrics its prompt
-            Path(anim.output).with_suffix(".json").replace(out / "generated" / f"{name}.json")
+            Path(anim.output).with_suffix(".json").replace(generated / f"{name}.json")
             stats["generated"] += 1
     finally:
         backend.close()

@@ -7,6 +7,12 @@
   ~24 dB); reported for comparison only;
 - PSNR*: the correct float PSNR with MAX 255, per frame, then averaged;
 - SSIM: scikit-image on grayscale uint8 (PIL "L"), 7x7 uniform window, data range 255.
+
+Figure-region scores (ours, no published counterpart; `figure_metrics`): the same PSNR* and SSIM
+restricted to the figure, i.e. to the union over the clip of the ground truth's person masks, so that
+a static background cannot carry the score. figure PSNR: MSE over the masked pixels (all channels)
+only; figure SSIM: the grayscale SSIM map above (computed on the whole frame, so windows at the
+mask's edge see some background) averaged over the masked pixels. Both per frame, then averaged.
 """
 
 from __future__ import annotations
@@ -83,6 +89,39 @@ def _clean_metrics(gen: np.ndarray, real: np.ndarray) -> dict[str, float]:
     ssim = structural_similarity(gen, real, channel_axis=2, gaussian_weights=True, sigma=1.5,
                                  use_sample_covariance=False, data_range=255)  # fmt: skip
     return {"l1": float(np.abs(a - b).mean() / 255.0), "ssim": float(ssim), "psnr": psnr, "psnr_star": psnr}
+
+
+FIGURE = {
+    "figure_psnr": "float PSNR, MAX 255, over the pixels of the union over the clip of the ground truth's person "
+                   "masks only, per frame, averaged",
+    "figure_ssim": "the SSIM map (grayscale uint8, win_size 7, data_range 255, on the whole frame) averaged over the "
+                   "pixels of the union over the clip of the ground truth's person masks, per frame, averaged",
+}
+
+
+def figure_region(mask: np.ndarray) -> np.ndarray:
+    """(T, H, W) person masks -> the (H, W) figure region: every pixel the person covers in some frame."""
+    if mask.ndim != 3:
+        raise ValueError(f"person masks must be (T, H, W); got {mask.shape}")
+    return mask.astype(bool).any(0)
+
+
+def figure_metrics(gen: np.ndarray, real: np.ndarray, region: np.ndarray) -> dict[str, list[float]]:
+    """Per-frame figure PSNR and SSIM of (T, H, W, 3) uint8 videos inside the (H, W) bool `region`
+    (`figure_region`); NaN for every frame when the region is empty (no person in the clip)."""
+    if region.shape != real.shape[1:3]:
+        raise ValueError(f"figure region {region.shape} does not match the frames {real.shape[1:3]}")
+    if not region.any():
+        return {"figure_psnr": [float("nan")] * len(real), "figure_ssim": [float("nan")] * len(real)}
+    psnr, ssim = [], []
+    for g, r in zip(gen, real, strict=True):
+        g = _match(g, r)
+        mse = float(((g.astype(np.float64) - r.astype(np.float64))[region] ** 2).mean())
+        psnr.append(float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)))
+        gray_g, gray_r = (np.asarray(Image.fromarray(x).convert("L")) for x in (g, r))
+        _, smap = structural_similarity(gray_g, gray_r, win_size=7, data_range=255, full=True)
+        ssim.append(float(smap[region].mean()))
+    return {"figure_psnr": psnr, "figure_ssim": ssim}
 
 
 def video_metrics(gen: np.ndarray, real: np.ndarray, protocol: str = "disco") -> dict[str, list[float]]:

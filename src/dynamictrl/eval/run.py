@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from dynamictrl.errors import UserError
 from dynamictrl.eval import published
 from dynamictrl.eval.distribution import one_resize
-from dynamictrl.eval.metrics import PROTOCOLS, _match, video_metrics
+from dynamictrl.eval.metrics import FIGURE, PROTOCOLS, _match, figure_metrics, figure_region, video_metrics
 from dynamictrl.utils.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_any, write_video
 
 METRICS = ("l1", "ssim", "psnr", "psnr_star")
+SCORED = ("l1", "ssim", "psnr", "psnr_star", "figure_psnr", "figure_ssim")  # the per-frame metrics, when computed
 NOT_COMPUTED = {
     "fid": "not computed: no weights for pt_inception (metrics.fid_weights)",
     "fid_vid": "not computed: no weights for the 3D ResNet-50 Kinetics backbone (metrics.fid_vid_weights)",
@@ -35,7 +36,7 @@ NOT_COMPUTED = {
 }
 DISTRIBUTION = ("fid", "fid_vid", "fvd")
 # Metrics whose definition does not depend on the protocol.
-DEFINITIONS = {
+DEFINITIONS = FIGURE | {
     "pose_pck": "body keypoints re-extracted from the generated video within 0.1 x the driving person's box "
                 "of the driving pose (visibility > 0.3; a missed keypoint is wrong)",
     "pose_mean_distance": "mean distance of the keypoints found in both, in units of the driving person's box",
@@ -71,14 +72,25 @@ def pair(generated: Path, reference: Path) -> list[tuple[str, Path, Path]]:
     return [(name, gen[name], ref[name]) for name in sorted(gen)]
 
 
+def reference_rule(first: int) -> str:
+    """What the scores say about the reference frame (frame 0), for reports."""
+    if first == 0:
+        return "every frame scored, the reference frame 0 included (the published protocols' rule)"
+    return f"frames {first}+ scored: the reference frame 0 is given to the model, not generated, and is not scored"
+
+
 def score(generated: str | Path, reference: str | Path, progress: bool = True, protocol: str = "disco",
           lpips_model=None, pose_backend=None, side_by_side: Path | None = None,
-          clip_scorer=None, backbones: dict | None = None) -> dict[str, Any]:  # fmt: skip
+          clip_scorer=None, backbones: dict | None = None, first: int = 0,
+          masks: dict[str, np.ndarray] | None = None) -> dict[str, Any]:  # fmt: skip
     """Per-video and overall (mean over all frames) metrics; FID, FID-VID and FVD over the whole set
-    for each backbone in `backbones` ({"fid"|"fid_vid"|"fvd": network}, see `dynamictrl.eval.backbones`)."""
+    for each backbone in `backbones` ({"fid"|"fid_vid"|"fvd": network}, see `dynamictrl.eval.backbones`).
+    Frames before `first` are not scored (`first=1`: the reference frame is left out; the published
+    protocols score every frame). `masks` (name -> the ground truth's (T, H, W) person masks, every
+    video) adds the figure-region scores `figure_psnr` and `figure_ssim` (`metrics.figure_metrics`)."""
     if protocol not in PROTOCOLS:
         raise UserError(f"protocol={protocol}: choose one of {sorted(PROTOCOLS)}")
-    names = list(METRICS) + (["lpips"] if lpips_model is not None else [])
+    names = list(METRICS) + (["lpips"] if lpips_model is not None else []) + (list(FIGURE) if masks is not None else [])
     per_video, all_frames = {}, {k: [] for k in names}
     pose_hits = {"pck": [], "mean_distance": [], "keypoints": 0}
     backbones = backbones or {}
@@ -88,13 +100,23 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
         ref, fps = read_any(r)
         if len(gen) != len(ref):
             raise UserError(f"{name}: {len(gen)} generated frames but {len(ref)} reference frames")
+        if len(ref) <= first:
+            raise UserError(f"{name}: {len(ref)} frames, none left to score after the first {first}")
+        region = None
+        if masks is not None:
+            if name not in masks:
+                raise UserError(f"{name}: no person masks given for its figure-region scores")
+            region = figure_region(masks[name])
+        gen, ref = gen[first:], ref[first:]
         m = video_metrics(gen, ref, protocol)
+        if region is not None:
+            m |= figure_metrics(gen, ref, region)
         matched = np.stack([_match(a, b) for a, b in zip(gen, ref, strict=True)])  # generated at the real size
         if lpips_model is not None:
             from dynamictrl.eval.lpips_metric import lpips_frames
 
             m["lpips"] = lpips_frames(lpips_model, matched, ref, normalize=protocol == "clean")
-        per_video[name] = {k: float(np.mean(v)) for k, v in m.items()} | {"frames": len(gen), "per_frame": m}
+        per_video[name] = {k: _mean(v) for k, v in m.items()} | {"frames": len(gen), "per_frame": m}
         if pose_backend is not None:
             from dynamictrl.animate.run import extract_poses
             from dynamictrl.eval.pose_accuracy import pck
@@ -123,7 +145,7 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
             from dynamictrl.animate.run import side_by_side as stack
 
             write_video(side_by_side / f"{name}.mp4", stack(matched, ref), fps or 8)
-    overall: dict[str, Any] = {k: float(np.mean(v)) for k, v in all_frames.items()}
+    overall: dict[str, Any] = {k: _mean(v) for k, v in all_frames.items()}
     if lpips_model is None:
         overall["lpips"] = "not computed: no weights for the LPIPS VGG backbone (metrics.lpips_backbone_weights)"
     if pose_backend is not None:
@@ -141,7 +163,15 @@ def score(generated: str | Path, reference: str | Path, progress: bool = True, p
             vals = [v[k] for v in per_video.values() if k in v]
             overall[k] = float(np.mean(vals)) if vals else "not computed: no prompts (NAME.json or NAME.txt) beside the videos"
     return {**overall, "protocol": PROTOCOLS[protocol], "feature_vectors": counts, "videos": len(per_video),
-            "frames": len(all_frames["l1"]), "per_video": per_video}  # fmt: skip
+            "frames": len(all_frames["l1"]), "first_frame": first, "reference_frame": reference_rule(first),
+            "per_video": per_video}  # fmt: skip
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of the values that are not NaN (a figure score is NaN for a clip without a person); NaN if none."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if len(v) else float("nan")
 
 
 def _features(metric: str, net, frames: np.ndarray, protocol: str) -> np.ndarray:
@@ -179,7 +209,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = list(result["per_video"])
-    metrics = [k for k in (*METRICS, "lpips", "pose_pck", "clip_consistency", "clip_alignment")
+    metrics = [k for k in (*SCORED, "lpips", "pose_pck", "clip_consistency", "clip_alignment")
                if isinstance(result.get(k), float)]  # fmt: skip
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
     for ax, k in zip(axes[0], metrics, strict=True):
@@ -190,7 +220,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "per_video.png", dpi=110)
     plt.close(fig)
-    curves = [k for k in (*METRICS, "lpips") if isinstance(result.get(k), float)]
+    curves = [k for k in (*SCORED, "lpips") if isinstance(result.get(k), float)]
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), squeeze=False)
     for ax, k in zip(axes[0], curves, strict=True):
         for n in names:
@@ -209,7 +239,7 @@ def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", d
     """metrics.json, metrics.csv, report.md and the plots in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    cols = [k for k in (*METRICS, "lpips", "pose_pck", "pose_mean_distance", "clip_consistency", "clip_alignment")
+    cols = [k for k in (*SCORED, "lpips", "pose_pck", "pose_mean_distance", "clip_consistency", "clip_alignment")
             if isinstance(result.get(k), float)]  # fmt: skip
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -217,13 +247,21 @@ def write_report(result: dict[str, Any], out: Path, title: str = "Evaluation", d
         for name, m in result["per_video"].items():
             w.writerow([name, *(f"{m.get(k, float('nan')):.6g}" for k in cols), m["frames"]])
     proto = result["protocol"]
-    lines = [f"# {title}", "", f"{result['videos']} videos, {result['frames']} frames, protocol `{proto['name']}`.", "",
-             "| metric | value | definition |", "|---|---|---|"]  # fmt: skip
-    for k in (*METRICS, "lpips", "pose_pck", "pose_mean_distance", "fid", "fid_vid", "fvd", "clip_consistency",
+    rule = result.get("reference_frame", reference_rule(0))
+    lines = [f"# {title}", "", f"{result['videos']} videos, {result['frames']} frames, protocol `{proto['name']}`; {rule}.",
+             "", "| metric | value | definition |", "|---|---|---|"]  # fmt: skip
+    for k in (*SCORED, "lpips", "pose_pck", "pose_mean_distance", "fid", "fid_vid", "fvd", "clip_consistency",
               "clip_alignment"):  # fmt: skip
         if k in result:
             lines.append(f"| {k} | {_fmt(result[k])} | {_fmt(proto.get(k) or DEFINITIONS.get(k, 'see dynamictrl.eval'))} |")
     lines += ["", "Pairing: " + proto["pairing"] + "."]
+    if result.get("pose_swap"):
+        lines += ["", "Pose-swap gain (each video generated again driven by another test video, same reference, "
+                  "prompt and seed; score with its own poses minus with the swapped ones, per video): mean and 95% "
+                  "bootstrap interval over videos.", "", "| metric | gain | 95% interval | videos |", "|---|---|---|---|"]
+        for k, g in result["pose_swap"].items():
+            ci = "—" if g["ci95"] is None else f"[{g['ci95'][0]:.4g}, {g['ci95'][1]:.4g}]"
+            lines.append(f"| {k} | {_fmt(g['gain'])} | {ci} | {g['clips']} |")
     if result.get("feature_vectors"):
         lines += ["", "Feature vectors (generated / reference): " + ", ".join(
             f"{k} {n['generated']} / {n['reference']}" for k, n in result["feature_vectors"].items()) + "."]  # fmt: skip
@@ -277,12 +315,25 @@ def generate_dataset(cfg: DictConfig) -> tuple[Path, Path, bool]:
     videos = datasets.test_videos(cfg.dataset, cfg.data_root, list(cfg.videos) if cfg.get("videos") else None)
     for v in videos:
         datasets.link_reference(v, out / "reference")
-    stats = datasets.generate(cfg, videos, out)
+    for swap in (False, True) if cfg.get("pose_swap") else (False,):
+        stats = datasets.generate(cfg, videos, out, swap=swap)
+        print(f"eval: {stats['generated']} generated, {stats['done_before']} done before, "
+              f"{stats['this_rank']} of {stats['videos']} test videos on this rank -> "
+              f"{out / ('generated_swapped' if swap else 'generated')}")  # fmt: skip
     _, world = datasets.rank_and_world(cfg)
-    print(f"eval: {stats['generated']} generated, {stats['done_before']} done before, "
-          f"{stats['this_rank']} of {stats['videos']} test videos on this rank -> {out / 'generated'}")  # fmt: skip
     ready = cfg.get("score") if cfg.get("score") is not None else world == 1
     return out / "generated", out / "reference", bool(ready)
+
+
+def swap_gains(own: dict[str, Any], swapped: Path, reference: Path, cfg: DictConfig) -> dict[str, Any]:
+    """Dataset mode, `pose_swap=true`: the swapped generations scored like the own ones (frame metrics
+    only) and the per-video gains (`eval/pose_swap.py`); no person masks here, so no figure region."""
+    from dynamictrl.eval import pose_swap
+
+    result = score(swapped, reference, cfg.get("progress", True), own["protocol"]["name"], first=own["first_frame"])
+    gains = pose_swap.gains(own["per_video"], result["per_video"])
+    print(f"eval: pose-swap gain (own poses - another test video's): {pose_swap.describe(gains)}")
+    return gains
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -323,6 +374,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result = score(generated, reference, cfg.get("progress", True), cfg.get("protocol") or cfg.metrics.protocol, lpips_model,
                    backend, out / "side_by_side" if cfg.get("side_by_side", True) else None, scorer,
                    load_backbones(cfg.metrics))  # fmt: skip
+    if cfg.get("dataset") and cfg.get("pose_swap"):
+        result["pose_swap"] = swap_gains(result, out / "generated_swapped", reference, cfg)
     write_report(result, out, dataset=cfg.get("dataset_name") or cfg.get("dataset") or "tiktok")
     print(f"eval: L1 {result['l1']:.3e}  SSIM {result['ssim']:.3f}  PSNR {result['psnr']:.2f}  "
           f"PSNR* {result['psnr_star']:.2f} (protocol {result['protocol']['name']}) -> {out}/report.md")

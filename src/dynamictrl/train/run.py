@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dynamictrl.data.demo_data import make_demo_data
 from dynamictrl.data.shards import clip_settings, list_shards
 from dynamictrl.errors import UserError
 from dynamictrl.models import embedded
@@ -42,8 +43,6 @@ def ensure_demo_data(cfg: DictConfig) -> None:
     """`experiment=demo`: make the synthetic dataset and its shards if they are missing."""
     if cfg.get("demo_data") is None or list_shards(cfg.data.train_shards):
         return
-    from dynamictrl.demo import make_demo_data
-
     make_demo_data(cfg.demo_data)
 
 
