@@ -83,10 +83,10 @@ def test_engine_configs_compose(engine):
     e = config.load("preprocess", [f"engine={engine}", "input=x", "output=y"]).engine
     assert e.name == engine
     if engine == "ray":  # every model stage has its pool settings, and the defaults fit a 2-CPU machine
-        from dynamictrl.preprocess.ray_engine import check_resources
+        from dynamictrl.preprocess.resources import resolve_pools, unschedulable
 
         assert all({"concurrency", "num_gpus", "num_cpus", "batch_size"} <= set(e[s]) for s in ("pose", "mask", "caption"))
-        check_resources(e, {"CPU": 2.0})
+        assert unschedulable(resolve_pools(e, [{"CPU": 2.0}], {"pose": 1.0}), [{"CPU": 2.0}]) is None
 
 
 def test_pose_backend_instantiates():

@@ -139,13 +139,17 @@ def test_model_backends_in_ray_actor_pools_match_the_local_engine(weights, tmp_p
 
 
 def test_an_unschedulable_pipeline_is_refused_with_one_line():
+    """Per node, not by cluster totals: two 1-GPU nodes hold 2 GPUs, but never one 2-GPU actor."""
     from omegaconf import OmegaConf
 
     from dynamictrl import config
+    from dynamictrl.preprocess.resources import resolve_pools
 
-    e = config.load("preprocess", ["engine=ray"]).engine
-    check_resources(e, {"CPU": 2.0})  # the defaults fit 2 CPUs
-    with pytest.raises(UserError, match="GPUs"):
-        check_resources(OmegaConf.merge(e, {"pose": {"num_gpus": 1, "concurrency": 2}}), {"CPU": 8.0, "GPU": 1.0})
-    with pytest.raises(UserError, match="CPUs"):
-        check_resources(OmegaConf.merge(e, {"mask": {"num_cpus": 2}}), {"CPU": 2.0})
+    e = resolve_pools(config.load("preprocess", ["engine=ray"]).engine, [{"CPU": 2.0}], {"pose": 1.0})
+    check_resources(e, [{"CPU": 2.0}])  # the defaults fit 2 CPUs
+    two_nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    check_resources(OmegaConf.merge(e, {"pose": {"num_gpus": 1, "concurrency": 2}}), two_nodes)
+    with pytest.raises(UserError, match="one actor asks for 2 GPUs; the largest node has 1"):
+        check_resources(OmegaConf.merge(e, {"pose": {"num_gpus": 2, "concurrency": 1}}), two_nodes)
+    with pytest.raises(UserError, match="CPU"):
+        check_resources(OmegaConf.merge(e, {"mask": {"num_cpus": 2}}), [{"CPU": 2.0}])

@@ -30,13 +30,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dynamictrl.data.shards import ShardSink
 from dynamictrl.errors import UserError
+from dynamictrl.preprocess.backends import Backends, build, caption_model_configured  # noqa: F401 - build: API
 from dynamictrl.preprocess.stages import (
     Assembler,
     Failed,
@@ -47,6 +46,7 @@ from dynamictrl.preprocess.stages import (
     decode,
     encode,
     guarded,
+    manifest_row,
     mask_and_crop,
     pose,
 )
@@ -96,59 +96,6 @@ def resolve_rank(cfg: DictConfig) -> tuple[int, int]:
     return launcher_world()
 
 
-def build(node: DictConfig | None):
-    """Instantiate a backend config (`conf/{pose,mask,caption}/*.yaml`); its `name` key is a label,
-    not an argument. None when the config names no model (`_target_` absent)."""
-    if node is None or "_target_" not in node:
-        return None
-    try:
-        return instantiate({k: v for k, v in node.items() if k != "name"}, _convert_="all")
-    except InstantiationException as err:  # Hydra wraps the backend's own one-line error
-        if isinstance(err.__cause__, UserError):
-            raise err.__cause__ from None
-        raise
-
-
-class Backends:
-    """The configured models, each loaded once per worker on first need (a run over sidecar-annotated
-    data never loads one)."""
-
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self._made: dict[str, Any] = {}
-
-    def _get(self, stage: str, factory):
-        if stage not in self._made:
-            self._made[stage] = factory()
-        return self._made[stage]
-
-    @property
-    def pose(self):
-        return self._get("pose", lambda: build(self.cfg.pose))
-
-    @property
-    def mask(self):
-        """The configured mask model, or None: then the pose backend's own masks, else MediaPipe's
-        selfie segmentation restricted to the person's box."""
-        return self._get("mask", lambda: build(self.cfg.mask))
-
-    @property
-    def fallback_mask(self):
-        from dynamictrl.pose.mediapipe_backend import MediaPipeSelfieMasks
-
-        return self._get("fallback_mask", MediaPipeSelfieMasks)
-
-    @property
-    def caption(self):
-        return self._get("caption", lambda: build(self.cfg.caption))
-
-    def close(self) -> None:
-        for backend in self._made.values():
-            if hasattr(backend, "close"):
-                backend.close()
-        self._made.clear()
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -159,10 +106,6 @@ def _read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a line cut by a kill; its input is simply redone
     return rows
-
-
-def caption_model_configured(cfg: DictConfig) -> bool:
-    return "_target_" in cfg.caption
 
 
 def local_engine(todo: list[Item], cfg: DictConfig) -> Iterator[Outcome]:
@@ -189,6 +132,59 @@ def local_engine(todo: list[Item], cfg: DictConfig) -> Iterator[Outcome]:
         backends.close()
 
 
+PATH_KEYS = ("det_model", "pose_model", "checkpoint", "config", "path", "tmp_dir")  # of conf/{pose,mask,caption}
+
+
+def absolute_paths(cfg: DictConfig) -> DictConfig:
+    """A copy of `cfg` with `input`, `output` and the models' relative file paths made absolute from this
+    process's working directory: Ray workers (and array tasks) run from other directories. A model
+    path is changed only when it exists here (a SAM 2 config may name one shipped in the package)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key in ("input", "output"):
+        cfg[key] = os.path.abspath(os.path.expanduser(str(cfg[key])))
+    for stage in ("pose", "mask", "caption"):
+        node = cfg.get(stage) or {}
+        for key in PATH_KEYS:
+            value = node.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(value):
+                node[key] = os.path.abspath(value)
+    return cfg
+
+
+class LocalShards:
+    """Shard writing in this process (`engine=local`): samples go into one `ShardSink` per split;
+    `add` and `finish` return the manifest rows of inputs whose shard has been renamed into place."""
+
+    def __init__(self, out: Path, rank: int, shard_size: int):
+        self.out, self.rank, self.shard_size = out, rank, shard_size
+        self.sinks: dict[str, ShardSink] = {}
+        self.pending: dict[str, list[dict]] = {}
+
+    def add(self, item: Item, outcome: Outcome) -> list[dict]:
+        sink = self.sinks.setdefault(item.split, ShardSink(self.out, f"{item.split}-{self.rank:04d}", self.shard_size))
+        for s in outcome.samples:
+            shard = sink.write(s)
+        self.pending.setdefault(item.split, []).append(manifest_row(item, outcome, shard))
+        return self._flush(item.split)
+
+    def _flush(self, split: str, force: bool = False) -> list[dict]:
+        if self.sinks[split].commit(force) and self.pending.get(split):
+            return self.pending.pop(split)
+        return []
+
+    def finish(self) -> list[dict]:
+        return [row for split in list(self.sinks) for row in self._flush(split, force=True)]
+
+
+def remove_orphan_shards(out: Path, rank: int, listed: set[str]) -> list[str]:
+    """Delete this rank's shards that no manifest lists: a run killed between a shard's rename and its
+    manifest lines leaves one, and its inputs are redone (into a new shard) by this run."""
+    orphans = [p for p in out.glob(f"*-{rank:04d}-[0-9][0-9][0-9][0-9][0-9].tar") if p.name not in listed]
+    for p in orphans:
+        p.unlink()
+    return sorted(p.name for p in orphans)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Preprocess `cfg.input` into shards under `cfg.output` with the configured engine. Returns the
     run summary (with `backend_seconds`, the time spent inside the models, and `peak_rss_mb`)."""
@@ -205,6 +201,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     engine = str(cfg.engine.name)
     if engine not in ("local", "ray"):
         raise UserError(f"engine={engine}: choose local or ray")
+    cfg = absolute_paths(cfg)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = resolve_rank(cfg)
@@ -213,56 +210,58 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # network file systems); every rank reads all of them, so a re-split run still skips finished work.
     suffix = "" if world == 1 else f"-rank{rank:04d}"
     manifest, rejects = out / f"manifest{suffix}.jsonl", out / f"rejects{suffix}.jsonl"
-    done = ({r["source"] for p in sorted(out.glob("manifest*.jsonl")) for r in _read_jsonl(p)}
-            | {r["path"] for p in sorted(out.glob("rejects*.jsonl")) for r in _read_jsonl(p)})  # fmt: skip
+    listed = [r for p in sorted(out.glob("manifest*.jsonl")) for r in _read_jsonl(p)]
+    # paths recorded relative (before paths were made absolute) are read from this working directory
+    done = ({os.path.abspath(r["source"]) for r in listed}
+            | {os.path.abspath(r["path"]) for p in sorted(out.glob("rejects*.jsonl")) for r in _read_jsonl(p)})  # fmt: skip
+    orphans = remove_orphan_shards(out, rank, {r["shard"] for r in listed})
+    if orphans:
+        print(f"preprocess: removed {len(orphans)} shard(s) no manifest lists (a run killed while writing them): "
+              f"{', '.join(orphans)}; their inputs are redone")  # fmt: skip
     todo = [it for it in items if str(it.path) not in done]
-    sinks: dict[str, ShardSink] = {}
-    pending: dict[str, list[dict]] = {}
     stats: Counter = Counter(skipped=len(items) - len(todo))
     reasons: Counter = Counter()
     backend_seconds: Counter = Counter()
     frames_done, start = 0, time.perf_counter()
 
-    def flush(split: str, force: bool = False) -> None:
-        if sinks[split].commit(force) and pending.get(split):
+    def record(rows: list[dict]) -> None:
+        if rows:
             with open(manifest, "a") as f:
-                for row in pending.pop(split):
+                for row in rows:
                     f.write(json.dumps(row) + "\n")
 
     if engine == "ray" and todo:
-        from dynamictrl.preprocess.ray_engine import ray_engine
+        from dynamictrl.preprocess.ray_engine import RayEngine
 
-        outcomes = ray_engine(todo, cfg)
+        runner = RayEngine(todo, cfg, out, rank)
+        outcomes, shards = runner.outcomes(), runner.shards
     else:
-        outcomes = local_engine(todo, cfg)
+        runner = None
+        outcomes, shards = local_engine(todo, cfg), LocalShards(out, rank, int(cfg.shard_size))
     bar = tqdm(total=len(todo), desc=f"preprocess {engine} (rank {rank}/{world})", unit="video", disable=not cfg.progress)
     frame_bar = tqdm(desc="clip frames written", unit="frame", disable=not cfg.progress, position=1)
-    for outcome in outcomes:
-        item = todo[outcome.video]
-        backend_seconds.update(outcome.seconds)
-        bar.update(1)
-        if outcome.reject is not None:
-            reasons[re.split(r"[:(]", outcome.reject)[0].strip()] += 1
-            with open(rejects, "a") as f:
-                f.write(json.dumps({"path": str(item.path), "reason": outcome.reject}) + "\n")
+    try:
+        for outcome in outcomes:
+            item = todo[outcome.video]
+            backend_seconds.update(outcome.seconds)
+            bar.update(1)
+            if outcome.reject is not None:
+                reasons[re.split(r"[:(]", outcome.reject)[0].strip()] += 1
+                with open(rejects, "a") as f:
+                    f.write(json.dumps({"path": str(item.path), "reason": outcome.reject}) + "\n")
+                bar.set_postfix(done=stats["done"], rejected=sum(reasons.values()))
+                continue
+            clips = len(outcome.keys)
+            record(shards.add(item, outcome))
+            stats["done"] += 1
+            stats["clips"] += clips
+            frames_done += clips * int(cfg.num_frames)
+            frame_bar.update(clips * int(cfg.num_frames))
             bar.set_postfix(done=stats["done"], rejected=sum(reasons.values()))
-            continue
-        samples = outcome.samples
-        sink = sinks.setdefault(item.split, ShardSink(out, f"{item.split}-{rank:04d}", int(cfg.shard_size)))
-        for s in samples:
-            shard = sink.write(s)
-        pending.setdefault(item.split, []).append(
-            {"source": str(item.path), "video_id": item.video_id, "split": item.split, "shard": shard,
-             "keys": [s["__key__"] for s in samples]}  # fmt: skip
-        )
-        stats["done"] += 1
-        stats["clips"] += len(samples)
-        frames_done += len(samples) * int(cfg.num_frames)
-        frame_bar.update(len(samples) * int(cfg.num_frames))
-        flush(item.split)
-        bar.set_postfix(done=stats["done"], rejected=sum(reasons.values()))
-    for split in sinks:
-        flush(split, force=True)
+        record(shards.finish())
+    finally:
+        if runner is not None:
+            runner.close()
     bar.close()
     frame_bar.close()
     seconds = time.perf_counter() - start
@@ -270,6 +269,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                "skipped": stats["skipped"], "clips": stats["clips"], "rejected": dict(reasons),
                "frames_per_s": frames_done / max(seconds, 1e-9), "seconds": seconds,
                "backend_seconds": dict(backend_seconds), "peak_rss_mb": peak_rss_mb(), "output": str(out)}  # fmt: skip
+    if runner is not None:
+        summary["ray"] = runner.summary
     print(f"preprocess: {summary['done']} done, {summary['skipped']} skipped, "
           f"{sum(reasons.values())} rejected {dict(reasons) or ''}, {summary['clips']} clips, "
           f"{summary['frames_per_s']:.1f} frames/s -> {out}")  # fmt: skip

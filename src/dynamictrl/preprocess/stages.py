@@ -20,7 +20,6 @@ UserError (a configuration problem, e.g. a missing weight file) is `Failed(fatal
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from collections.abc import Iterator
@@ -69,6 +68,7 @@ class Window:
     crop: list[int] | None = None  # x0, y0, x1, y1 in source pixels (None: nobody in this window)
     caption: str | None = None
     sample: dict[str, Any] | None = None  # the encoded webdataset sample
+    staged: list[str] | None = None  # Ray engine: [key, file] of the sample staged for the shard writers
     seconds: dict[str, float] = field(default_factory=dict)  # time spent in each backend
 
 
@@ -438,6 +438,17 @@ class Outcome:
     samples: list[dict[str, Any]] | None
     reject: str | None
     seconds: dict[str, float]
+    staged: list[list[str]] | None = None  # Ray engine: [key, file] per sample, staged for the writers
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.staged] if self.staged is not None else [s["__key__"] for s in self.samples]
+
+
+def manifest_row(item: Item, outcome: Outcome, shard: str) -> dict[str, Any]:
+    """The manifest line of a finished input, written once its shard is in place."""
+    return {"source": str(item.path), "video_id": item.video_id, "split": item.split, "shard": shard,
+            "keys": outcome.keys}  # fmt: skip
 
 
 class Assembler:
@@ -475,7 +486,8 @@ class Assembler:
         reject = end.reject or (min(failed, key=lambda f: f.index).reason if failed else None) or self._check(windows)
         if reject is not None:
             return Outcome(v, None, reject, seconds)
-        return Outcome(v, [w.sample for w in windows if w.sample is not None], None, seconds)
+        staged = [w.staged for w in windows if w.staged is not None]
+        return Outcome(v, [w.sample for w in windows if w.sample is not None], None, seconds, staged or None)
 
     def _check(self, windows: list[Window]) -> str | None:
         detected: dict[int, bool] = {}  # by resampled frame (overlapping windows count once)
@@ -501,40 +513,40 @@ class Assembler:
 
 # ------------------------------------------------------------------- rows (the Ray engine's transport)
 
+ROW_ARRAYS = ("src", "frames", "kpts", "people", "masks", "frame_detected")  # a Window's array fields
+
 
 def to_row(obj: Window | End | Failed) -> dict[str, Any]:
-    """A stage object as a flat row {kind, video, meta (JSON), payload (npz bytes of the arrays)}: one
-    schema for every row, no pickle."""
-    arrays, meta = {}, {}
+    """A stage object as a flat row: {kind, video, meta (JSON), a_<field> (the raw bytes of each array
+    field; empty when absent)}. One schema for every row, no pickle and no container format: the arrays
+    travel as their own bytes (boolean masks packed 8 pixels to a byte), their dtype and shape in meta.
+    An encoded sample does not travel in a row (the Ray engine stages it on the shared output)."""
+    meta: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
         if isinstance(value, np.ndarray):
             arrays[f.name] = value
         elif f.name == "sample" and value is not None:
-            for k, v in value.items():
-                if k == "__key__":
-                    meta["__key__"] = v
-                else:
-                    arrays[f"sample/{k}"] = np.frombuffer(v, np.uint8)
+            raise ValueError("an encoded sample does not travel in a row: stage it (ray_engine.stage_sample)")
         else:
             meta[f.name] = value
-    buf = io.BytesIO()
-    if arrays:
-        np.savez(buf, **arrays)
-    return {"kind": type(obj).__name__, "video": int(obj.video), "meta": json.dumps(meta),
-            "payload": buf.getvalue()}  # fmt: skip
+    meta["arrays"] = {k: [a.dtype.str, list(a.shape)] for k, a in arrays.items()}
+    row: dict[str, Any] = {"kind": type(obj).__name__, "video": int(obj.video), "meta": json.dumps(meta)}
+    for name in ROW_ARRAYS:
+        a = arrays.get(name)
+        row[f"a_{name}"] = b"" if a is None else (np.packbits(a).tobytes() if a.dtype.kind == "b" else a.tobytes())
+    return row
 
 
 def from_row(row: dict[str, Any]) -> Window | End | Failed:
     cls = {"Window": Window, "End": End, "Failed": Failed}[str(row["kind"])]
-    meta = json.loads(row["meta"])
-    key = meta.pop("__key__", None)
-    kwargs: dict[str, Any] = dict(meta)
-    payload = bytes(row["payload"])
-    if payload:
-        with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-            sample = {k.split("/", 1)[1]: data[k].tobytes() for k in data.files if k.startswith("sample/")}
-            kwargs |= {k: data[k] for k in data.files if not k.startswith("sample/")}
-        if key is not None:
-            kwargs["sample"] = {"__key__": key, **sample}
+    kwargs: dict[str, Any] = json.loads(row["meta"])
+    for name, (dtype, shape) in kwargs.pop("arrays", {}).items():
+        buf, dtype = row[f"a_{name}"], np.dtype(dtype)
+        if dtype.kind == "b":
+            a = np.unpackbits(np.frombuffer(buf, np.uint8), count=int(np.prod(shape))).astype(bool)
+        else:
+            a = np.frombuffer(buf, dtype).copy()  # writable, as the local engine's arrays are
+        kwargs[name] = a.reshape(shape)
     return cls(**kwargs)
