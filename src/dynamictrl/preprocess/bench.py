@@ -120,14 +120,25 @@ class PeakRSS:
         self._thread.join()
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def engines(videos: int = 6, frames: int = 48, size: int = 256) -> tuple[dict, list[str]]:
-    """The local and Ray engines side by side on the same inputs (`videos` real-photo clips that
-    MediaPipe annotates, sidecar captions). Per engine: wall time over the time spent inside the models
-    (what a GPU would see: 1.0 means it never waits), videos/h and the peak memory of the whole process
-    tree. Returns (results, markdown lines)."""
+    """The engines side by side on the same inputs (`videos` real-photo clips that MediaPipe annotates,
+    sidecar captions): local; Ray on a local cluster this process starts; Ray on the rehearsal cluster
+    (`preprocess.cluster`: a head and a node with a fake GPU started with `ray start` from another
+    directory, the driver joining with `engine.address=auto`, the pose pool on the GPU node). Per row:
+    wall time over the time spent inside the models (what a GPU would see: 1.0 means it never waits),
+    videos/h, the driver's CPU share (its own CPU seconds over the wall time: the driver is the
+    bottleneck when it nears 1) and peak memory. Returns (results, markdown lines)."""
     import os
 
     from dynamictrl import config
+    from dynamictrl.preprocess.cluster import RehearsalCluster
     from dynamictrl.preprocess.run import run as preprocess
     from dynamictrl.utils.video import write_video
 
@@ -138,24 +149,42 @@ def engines(videos: int = 6, frames: int = 48, size: int = 256) -> tuple[dict, l
         for i in range(videos):
             write_video(raw / f"v{i}.mp4", np.roll(_frames(frames, size), 5 * i, axis=2), 8)
             (raw / f"v{i}.txt").write_text("The person in the image is wearing a space suit.")
-        for engine in ("local", "ray"):
-            extra = [f"engine.num_cpus={os.cpu_count()}"] if engine == "ray" else []
-            cfg = config.load("preprocess", [f"input={raw}", f"output={Path(tmp) / engine}", "progress=false",
-                                             "fps=null", f"engine={engine}", *extra])  # fmt: skip
-            start = time.perf_counter()
-            with PeakRSS() as rss:
-                summary = preprocess(cfg)
-            wall = time.perf_counter() - start
+        rows = {"local": ["engine=local"], "ray, local cluster": ["engine=ray", f"engine.num_cpus={os.cpu_count()}"],
+                "ray, rehearsal cluster (2 nodes)": ["engine=ray", "engine.address=auto", "engine.pose.num_gpus=1",
+                                                     "engine.pose.concurrency=1"]}  # fmt: skip
+        for label, extra in rows.items():
+            cluster = None
+            if "rehearsal" in label:  # head: 2 CPUs; node: 1 CPU and a fake GPU (the pose actor's)
+                cluster = RehearsalCluster(Path(tmp) / "nodes" / "work").start_head(num_cpus=2)
+                cluster.add_node(num_cpus=1, num_gpus=1)
+                os.environ["RAY_AUTH_MODE"] = "disabled"  # this process joins it as a driver
+            try:
+                cfg = config.load("preprocess", [f"input={raw}", f"output={Path(tmp) / str(len(results))}",
+                                                 "progress=false", "fps=null", *extra])  # fmt: skip
+                start, cpu0 = time.perf_counter(), _cpu_seconds()
+                with PeakRSS() as rss:
+                    summary = preprocess(cfg)
+                wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+            finally:
+                if cluster is not None:
+                    cluster.stop()
+                    os.environ.pop("RAY_AUTH_MODE", None)
             inside = sum(summary["backend_seconds"].values())
-            results[engine] = {"wall_s": wall, "backend_s": inside, "wall_over_backend": wall / max(inside, 1e-9),
-                               "videos_per_h": summary["done"] / wall * 3600, "peak_rss_mb": rss.peak / 2**20,
-                               "done": summary["done"], "backend_seconds": summary["backend_seconds"]}  # fmt: skip
+            results[label] = {"wall_s": wall, "backend_s": inside, "wall_over_backend": wall / max(inside, 1e-9),
+                              "videos_per_h": summary["done"] / wall * 3600, "driver_cpu_share": cpu / wall,
+                              "peak_rss_mb": rss.peak / 2**20, "memory_scope": "driver" if cluster else "process tree",
+                              "done": summary["done"], "backend_seconds": summary["backend_seconds"],
+                              "pools": summary.get("ray", {}).get("pools")}  # fmt: skip
     lines = [f"## Preprocessing engines ({videos} videos of {frames} frames at {size}x{size}, MediaPipe on CPU)", "",
-             "| engine | wall / time in models | videos/h | peak memory, process tree PSS (MB) |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {k} | {v['wall_over_backend']:.2f} | {v['videos_per_h']:.0f} | {v['peak_rss_mb']:.0f} |"
-              for k, v in results.items()]  # fmt: skip
+             "| engine | wall / time in models | videos/h | driver CPU share | peak memory, PSS (MB) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v['wall_over_backend']:.2f} | {v['videos_per_h']:.0f} | {v['driver_cpu_share']:.2f} | "
+              f"{v['peak_rss_mb']:.0f} ({v['memory_scope']}) |" for k, v in results.items()]  # fmt: skip
     lines += ["", "Measured in one run on this machine's CPUs, where the models share the cores with decoding "
               "and encoding and Ray's start-up (workers importing torch and MediaPipe) is part of the wall time; "
               "the ratio the streaming engine is built for (<= 1.25) is the one on GPU nodes, where the models "
-              "run beside the CPU stages.", ""]  # fmt: skip
+              "run beside the CPU stages. Driver CPU share: the driver process's CPU seconds over the wall time "
+              "(the local engine does all the work in it). The rehearsal cluster's nodes run on the same 2 cores "
+              "(3 logical CPUs declared: head 2, node 1 with a fake GPU for the pose actor); its memory column "
+              "counts the driver only (the nodes' processes are not its children).", ""]  # fmt: skip
     return results, lines

@@ -106,7 +106,8 @@ class Guard:
         if len(earlier) <= self.max_retries:
             return None
         what = "decoding it" if index < 0 else f"on its clip {index}"
-        return (f"failed: the {self.stage} worker died {len(earlier)} times {what} (last: {earlier[-1]}): killed, out "
+        n = len(earlier)
+        return (f"failed: the {self.stage} worker died {n} time{'s' if n > 1 else ''} {what} (last: {earlier[-1]}): killed, out "
                 "of memory or crashed in native code; Ray's logs on that node are in /tmp/ray/session_latest/logs")  # fmt: skip
 
     def begin(self, video: int, index: int) -> str | None:
@@ -252,18 +253,18 @@ def _encode(batch: dict[str, np.ndarray], cfg: dict, staging: str, ledger, max_r
 
 
 def write_shard(folder: str, name: str, staged: list[str]) -> str:
-    """Tar staged samples (files, in order) into `folder/name`, under a temporary name until complete
-    (as `ShardSink` does); the staged files are removed once the shard is in place."""
+    """Tar staged samples (files, in order) into a hidden temporary file beside `folder/name` and return
+    its name; the staged files are removed. The driver renames it into place (`RayShards`): a writer
+    left running by a killed driver can never make a shard appear that no manifest lists."""
     import webdataset as wds
 
-    tmp = Path(folder) / f".{name}.tmp"
-    with wds.TarWriter(str(tmp)) as writer:
+    tmp = f".{name}.{uuid.uuid4().hex}.tmp"
+    with wds.TarWriter(str(Path(folder) / tmp)) as writer:
         for path in staged:
             writer.write(read_staged(Path(path)))
-    os.replace(tmp, Path(folder) / name)
     for path in staged:
         Path(path).unlink(missing_ok=True)
-    return name
+    return tmp
 
 
 class RayShards:
@@ -313,7 +314,7 @@ class RayShards:
             if not must and not ray.wait([ref], timeout=0)[0]:
                 break
             try:
-                ray.get(ref)
+                os.replace(self.out / ray.get(ref), self.out / name)  # in place, then listed (run.record)
             except Exception as err:  # noqa: BLE001 - a writer that cannot write stops the run with its line
                 raise UserError(f"output {self.out}: writing shard {name} failed: {str(err).splitlines()[-1]}") from None
             self.inflight.popleft()
@@ -431,8 +432,14 @@ class RayEngine:
             local = not e.address
             self.pools = plan(e, cfg, 0.0 if local else float(e.wait_for_resources_s))
             check_visible(sorted({str(it.path) for it in todo}), out)
-            self.staging = out / f".staging-rank{rank:04d}"
-            shutil.rmtree(self.staging, ignore_errors=True)  # a killed run's staged samples: their inputs are redone
+            # A killed run's staged samples and unfinished shards go (their inputs are redone); each run
+            # stages in its own folder, so a task the killed run left running cannot touch this run's files.
+            for old in [*out.glob(f".staging-rank{rank:04d}-*"), *out.glob(f".*-{rank:04d}-[0-9]*.tar.*.tmp")]:
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
+            self.staging = out / f".staging-rank{rank:04d}-{uuid.uuid4().hex[:8]}"
             self.staging.mkdir(parents=True)
             self.ledger = ray.remote(Attempts).options(num_cpus=0).remote()
             self.shards = RayShards(out, self.staging, rank, int(cfg.shard_size), self.pools.write)

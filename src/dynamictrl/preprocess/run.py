@@ -14,8 +14,9 @@ and splittable: rank r of N takes inputs r, r+N, ...
 Two engines run the same stages (`dynamictrl.preprocess.stages`), streaming each input window by
 window so memory holds one clip window of source frames: `engine=local` in this process (tests, a
 laptop, one SLURM array task per GPU), `engine=ray` as a Ray Data pipeline with a CPU task pool for
-decoding/encoding and actor pools for the models (`dynamictrl.preprocess.ray_engine`). Both write the
-shards, manifest and rejects here, in the driver, with the same resume semantics.
+decoding/encoding and actor pools for the models (`dynamictrl.preprocess.ray_engine`). Both keep the
+manifest and rejects here, in the driver, with the same resume semantics; the local engine writes its
+shards here too, the Ray engine through writer tasks (the samples' bytes never reach its driver).
 """
 
 from __future__ import annotations
