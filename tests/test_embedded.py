@@ -51,3 +51,25 @@ def test_fit_vae_writes_an_asset_that_loads_and_a_foreign_one_is_ignored(tmp_pat
     assert vae is not None and vae.config.scaling_factor == meta["scaling_factor"]
     monkeypatch.setattr(embedded, "VAE", embedded.VAE | {"block_out_channels": (8, 8, 16)})
     assert embedded.shipped_vae() is None  # fitted for another architecture: build fits a new one
+
+
+def test_fit_base_writes_an_i2v_base_without_pose_branch_that_builds_load(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(embedded, "BASE_ASSET", tmp_path / "assets" / "tiny-base.safetensors")
+    assert embedded.shipped_base() is None
+    meta = embedded.fit_base_asset(steps=2, data_root=tmp_path / "data", progress=False,
+                                   preprocess_overrides=["progress=false"], num_train=2)  # fmt: skip
+    assert meta["fit"]["steps"] == 2 and meta["architecture"]["num_layers"] == embedded.TRANSFORMER["num_layers"]
+    weights = load_file(embedded.BASE_ASSET)
+    pose = tuple(embedded.DynamiCtrlTransformer3DModel(**embedded.TRANSFORMER).new_modules())
+    assert weights and not any(k.startswith(pose) for k in weights)  # an I2V base: no pose branch
+    built = embedded.DynamiCtrlTransformer3DModel.from_pretrained(embedded.build(tmp_path / "m", progress=False) / "transformer")
+    random = embedded.DynamiCtrlTransformer3DModel.from_pretrained(
+        embedded.build(tmp_path / "r", progress=False, base=False) / "transformer")
+    state, fresh = built.state_dict(), random.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())  # the base's weights...
+    assert any(not torch.equal(fresh[k], v) for k, v in weights.items())  # ...which training moved
+    assert all(torch.equal(state[k], fresh[k]) for k in state if k.startswith(pose))  # the pose branch: its seeded init
+    monkeypatch.setattr(embedded, "TRANSFORMER", embedded.TRANSFORMER | {"num_layers": 2})
+    assert embedded.shipped_base() is None  # fitted for another architecture: the transformer stays random

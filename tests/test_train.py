@@ -116,3 +116,20 @@ def test_ema_export_wandb_offline_and_sample_videos(tiny_model, shards, tmp_path
     assert int(state["ema.updates"]) == 2  # the EMA rides in the checkpoint as buffers
     pipe = load_pipeline(out)  # the animate stage reads a training output
     assert torch.equal(pipe.transformer.state_dict()[name], e)
+
+
+def test_pose_false_trains_the_base_without_the_pose_branch(tiny_model, shards, tmp_path):
+    """module.pose=false: the I2V base (what the demo fine-tunes): no gradient reaches the pose branch."""
+    from hydra.utils import instantiate
+
+    cfg = config.load("train", ["experiment=demo", f"data.train_shards={shards}/train-*.tar", f"output={tmp_path}",
+                                "data.batch_size=2", "module.pose=false"])  # fmt: skip
+    module = instantiate(cfg.module, model_path=str(tiny_model))
+    module.configure_model()
+    dm = instantiate(cfg.data)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    module.loss(batch, generator=torch.Generator().manual_seed(0)).backward()
+    pose = [p for n, p in module.transformer.named_parameters() if n.startswith(tuple(module.transformer.new_modules()))]
+    assert pose and all(p.grad is None for p in pose)
+    assert module.transformer.transformer_blocks[0].attn1.to_q.weight.grad.abs().sum() > 0

@@ -13,7 +13,8 @@ from dynamictrl.data.synthetic import generate
 
 
 def make_demo_data(cfg: DictConfig | dict) -> Path:
-    """Synthetic videos under ROOT/raw and their shards under ROOT/shards (skipped when present)."""
+    """Synthetic videos under ROOT/raw and their shards under ROOT/shards (skipped when present);
+    `preprocess_overrides` (optional) go to the preprocess config (e.g. `num_frames=17`)."""
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     root = Path(cfg.root)
     generate(root / "raw", num_train=cfg.num_train, num_test=cfg.num_test, num_frames=27, seed=cfg.seed)
@@ -21,5 +22,6 @@ def make_demo_data(cfg: DictConfig | dict) -> Path:
     if not list_shards(str(shards / "train-*.tar")):
         from dynamictrl.preprocess.run import run as preprocess
 
-        preprocess(config.load("preprocess", [f"input={root / 'raw'}", f"output={shards}"]))
+        overrides = list(cfg.get("preprocess_overrides") or [])
+        preprocess(config.load("preprocess", [f"input={root / 'raw'}", f"output={shards}", *overrides]))
     return shards

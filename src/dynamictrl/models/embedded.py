@@ -193,7 +193,64 @@ def fit_vae_asset(steps: int = VAE_STEPS, seed: int = 0, progress: bool = True) 
     return meta
 
 
-def build(path: str | Path, vae_steps: int | None = None, seed: int = 0, progress: bool = True) -> Path:
+BASE_ASSET = Path(__file__).with_name("assets") / "tiny-base.safetensors"  # + .json: the fit's figures
+BASE_STEPS = 2000  # the shipped base's fit (python -m dynamictrl.models.embedded fit-base)
+
+
+def shipped_base() -> dict[str, torch.Tensor] | None:
+    """The tiny I2V base's transformer weights (no pose branch) fitted by `fit-base` and shipped in the
+    package, or None when missing or fitted for another architecture (the transformer stays random)."""
+    meta_path = BASE_ASSET.with_suffix(".json")
+    if not (BASE_ASSET.is_file() and meta_path.is_file()):
+        return None
+    if json.loads(meta_path.read_text()).get("architecture") != json.loads(json.dumps(TRANSFORMER)):
+        return None
+    return load_file(BASE_ASSET)
+
+
+def fit_base_asset(steps: int = BASE_STEPS, seed: int = 0, data_root: str | Path = "data/demo-base",
+                   out: Path | None = None, progress: bool = True, preprocess_overrides: list[str] | None = None,
+                   num_train: int = 40) -> dict:  # fmt: skip
+    """Fit the tiny I2V base: the embedded transformer trained from random weights for `steps` with the
+    demo's recipe but without its pose branch (`module.pose=false`), on synthetic clips of their own
+    (seed 1000 + `seed`: not the demo's), as DynamiCtrl starts from a pretrained CogVideoX-I2V. Writes
+    its weights without the pose branch to `out` (the package's asset by default) and its figures
+    to the .json beside it."""
+    import csv
+    import tempfile
+
+    from dynamictrl import config
+    from dynamictrl.data.demo_data import make_demo_data
+    from dynamictrl.train.run import run as train
+
+    out = out or BASE_ASSET
+    data = {"root": str(data_root), "num_train": num_train, "num_test": 1, "seed": 1000 + seed,
+            "preprocess_overrides": list(preprocess_overrides or [])}  # fmt: skip
+    shards = make_demo_data(data)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build(Path(tmp) / "model", seed=seed, progress=progress, base=False)
+        result = train(config.load("train", [
+            "experiment=demo", f"output={tmp}/train", f"model.path={model}", f"data.train_shards={shards}/train-*.tar",
+            f"model.num_frames={NUM_FRAMES}",
+            f"trainer.max_steps={steps}", "module.pose=false", "samples.every_n_steps=0", "logger=csv",
+            f"checkpoint_every={steps}", f"trainer.enable_progress_bar={str(progress).lower()}", f"seed={seed}"]))  # fmt: skip
+        state = load_file(Path(result["transformer"]) / "diffusion_pytorch_model.safetensors")
+        with open(result["metrics_csv"]) as f:
+            losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    pose = tuple(DynamiCtrlTransformer3DModel(**TRANSFORMER).new_modules())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items() if not k.startswith(pose)}, out)
+    meta = {"architecture": json.loads(json.dumps(TRANSFORMER)), "seed": seed, "data": data,
+            "fit": {"steps": result["steps"], "loss_first_50": float(np.mean(losses[:50])),
+                    "loss_last_200": float(np.mean(losses[-200:])), "seconds": time.perf_counter() - start,
+                    "recipe": "experiment=demo module.pose=false"}}  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def build(path: str | Path, vae_steps: int | None = None, seed: int = 0, progress: bool = True,
+          base: bool = True) -> Path:  # fmt: skip
     """Build the embedded pipeline into `path` (atomically: a temporary folder, then a rename).
 
     `vae_steps=None` takes the VAE shipped in the package (fitted `VAE_STEPS` steps once, offline, by
@@ -207,6 +264,12 @@ def build(path: str | Path, vae_steps: int | None = None, seed: int = 0, progres
     tokenizer = build_tokenizer()
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5)).eval()
     transformer = DynamiCtrlTransformer3DModel(**TRANSFORMER)
+    weights = shipped_base() if base else None
+    if weights is not None:  # the I2V base; the pose branch keeps its seeded initial weights
+        missing, unexpected = transformer.load_state_dict(weights, strict=False)
+        pose = tuple(transformer.new_modules())
+        if unexpected or not all(k.startswith(pose) for k in missing):
+            raise RuntimeError(f"{BASE_ASSET}: does not fit the transformer (missing {missing[:3]}, unexpected {unexpected[:3]})")
     vae = shipped_vae() if vae_steps is None else None
     if vae is not None:
         stats = json.loads(VAE_ASSET.with_suffix(".json").read_text())["fit"] | {"shipped": True}
@@ -217,7 +280,8 @@ def build(path: str | Path, vae_steps: int | None = None, seed: int = 0, progres
     pipe = DynamiCtrlPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                               transformer=transformer, scheduler=scheduler)  # fmt: skip
     pipe.save_pretrained(tmp)
-    (tmp / "BUILD.json").write_text(json.dumps({"version": VERSION, "seed": seed, "vae_fit": stats}, indent=1))
+    base_fit = json.loads(BASE_ASSET.with_suffix(".json").read_text())["fit"] if weights is not None else None
+    (tmp / "BUILD.json").write_text(json.dumps({"version": VERSION, "seed": seed, "vae_fit": stats, "base_fit": base_fit}, indent=1))
     # What animate should default to with this model (`DynamiCtrlPipeline.settings`).
     defaults = {"buckets": [[HEIGHT, WIDTH], [WIDTH, HEIGHT]], "clip_frames": NUM_FRAMES}
     (tmp / "dynamictrl.json").write_text(json.dumps(defaults, indent=1))
@@ -239,10 +303,15 @@ def ensure(path: str | Path | None = None, vae_steps: int | None = None, progres
 
 
 def main(argv: list[str]) -> int:
-    """python -m dynamictrl.models.embedded fit-vae [STEPS]: refit the shipped VAE (bump VERSION after)."""
-    if not argv or argv[0] != "fit-vae" or len(argv) > 2 or (len(argv) == 2 and not argv[1].isdigit()):
-        print("usage: python -m dynamictrl.models.embedded fit-vae [STEPS]", file=sys.stderr)
+    """python -m dynamictrl.models.embedded fit-vae|fit-base [STEPS]: refit the shipped VAE or the shipped
+    I2V base (bump VERSION after)."""
+    if not argv or argv[0] not in ("fit-vae", "fit-base") or len(argv) > 2 or (len(argv) == 2 and not argv[1].isdigit()):
+        print("usage: python -m dynamictrl.models.embedded fit-vae|fit-base [STEPS]", file=sys.stderr)
         return 2
+    if argv[0] == "fit-base":
+        meta = fit_base_asset(int(argv[1]) if len(argv) == 2 else BASE_STEPS)
+        print(f"wrote {BASE_ASSET}: {json.dumps(meta['fit'])}")
+        return 0
     meta = fit_vae_asset(int(argv[1]) if len(argv) == 2 else VAE_STEPS)
     print(f"wrote {VAE_ASSET}: {json.dumps(meta['fit'])}")
     return 0

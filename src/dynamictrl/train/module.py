@@ -156,6 +156,8 @@ class DynamiCtrlModule(L.LightningModule):
             `model_path`. Not under DeepSpeed (use trainer=gpu, ddp or fsdp).
         reference_scaling: how the reference latent is scaled (`diffusers` | `official` | `scaled`, see
             `models.latents`); None: the loaded checkpoint's convention. The export records it.
+        pose: False trains the base I2V model: the transformer runs without its pose branch, which
+            keeps its initial weights (the tiny I2V base the demo fine-tunes from, `models/embedded.py`).
 
     Nothing is loaded in the constructor: `configure_model` (called by the Trainer under the strategy's
     contexts, or directly outside a Trainer) builds the transformer on the meta device, adds the LoRA
@@ -185,6 +187,7 @@ class DynamiCtrlModule(L.LightningModule):
         seed: int = 0,
         lora: dict[str, Any] | None = None,
         reference_scaling: str | None = None,
+        pose: bool = True,
     ):
         super().__init__()
         if weights not in ("pretrained", "random"):
@@ -377,7 +380,7 @@ class DynamiCtrlModule(L.LightningModule):
         ofs = noisy.new_full((1,), hp.ofs) if self.transformer.config.ofs_embed_dim else None
         v = self.transformer(
             hidden_states=torch.cat([noisy, image_p], dim=2), encoder_hidden_states=text, timestep=t, ofs=ofs,
-            image_rotary_emb=rotary, control_hidden_states=pose_p, return_dict=False,
+            image_rotary_emb=rotary, control_hidden_states=pose_p if hp.pose else None, return_dict=False,
         )[0].float()  # fmt: skip
         # (v is bf16 under autocast; x0, the targets and the loss stay fp32)
         x0 = sched.get_velocity(v, noisy, t)
