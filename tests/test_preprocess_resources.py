@@ -168,3 +168,10 @@ def test_wait_gives_up_after_the_timeout_with_one_warning():
         cluster.wait(12)
     assert cluster.sleeps == [5.0, 5.0, 2.0] and cluster.now == 112.0 and cluster.calls == 4  # a last look at the end
     assert len(cluster.warnings) == 1
+
+
+def test_the_autoscaler_is_shown_every_actor_and_a_task():
+    from dynamictrl.preprocess.resources import bundles
+
+    e = engine(pools(pose=(0.25, 0.25, 2), mask=(0, 0.5, 1), caption=(1, 0, 1)))
+    assert bundles(e) == [{"CPU": 0.25, "GPU": 0.25}] * 2 + [{"CPU": 0.5}, {"GPU": 1.0}, {"CPU": 1.0}]

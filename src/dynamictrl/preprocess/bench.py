@@ -120,11 +120,20 @@ class PeakRSS:
         self._thread.join()
 
 
-def _cpu_seconds() -> float:
-    import resource
+def _driver(args: list[str], cwd: Path, env: dict[str, str]) -> dict:
+    """`run` in a fresh process (as `make preprocess` runs it), from `cwd`; returns its summary."""
+    import json
+    import subprocess
+    import sys
 
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    code = ("import json, sys; from dynamictrl import config; from dynamictrl.preprocess.run import run; "
+            "print('SUMMARY ' + json.dumps(run(config.load('preprocess', sys.argv[1:]))))")  # fmt: skip
+    cwd.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    found = [line for line in done.stdout.splitlines() if line.startswith("SUMMARY ")]
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"preprocess {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return json.loads(found[-1].split(" ", 1)[1])
 
 
 def engines(videos: int = 6, frames: int = 48, size: int = 256) -> tuple[dict, list[str]]:
@@ -137,9 +146,7 @@ def engines(videos: int = 6, frames: int = 48, size: int = 256) -> tuple[dict, l
     bottleneck when it nears 1) and peak memory. Returns (results, markdown lines)."""
     import os
 
-    from dynamictrl import config
-    from dynamictrl.preprocess.cluster import RehearsalCluster
-    from dynamictrl.preprocess.run import run as preprocess
+    from dynamictrl.preprocess import cluster as rehearsal
     from dynamictrl.utils.video import write_video
 
     results: dict[str, dict] = {}
@@ -155,24 +162,20 @@ def engines(videos: int = 6, frames: int = 48, size: int = 256) -> tuple[dict, l
         for label, extra in rows.items():
             cluster = None
             if "rehearsal" in label:  # head: 2 CPUs; node: 1 CPU and a fake GPU (the pose actor's)
-                cluster = RehearsalCluster(Path(tmp) / "nodes" / "work").start_head(num_cpus=2)
+                cluster = rehearsal.RehearsalCluster(Path(tmp) / "nodes" / "work").start_head(num_cpus=2)
                 cluster.add_node(num_cpus=1, num_gpus=1)
-                os.environ["RAY_AUTH_MODE"] = "disabled"  # this process joins it as a driver
             try:
-                cfg = config.load("preprocess", [f"input={raw}", f"output={Path(tmp) / str(len(results))}",
-                                                 "progress=false", "fps=null", *extra])  # fmt: skip
-                start, cpu0 = time.perf_counter(), _cpu_seconds()
+                args = [f"input={raw}", f"output={Path(tmp) / str(len(results))}", "progress=false", "fps=null", *extra]
                 with PeakRSS() as rss:
-                    summary = preprocess(cfg)
-                wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+                    summary = _driver(args, Path(tmp) / "driver", rehearsal.env())
             finally:
                 if cluster is not None:
                     cluster.stop()
-                    os.environ.pop("RAY_AUTH_MODE", None)
+            wall, cpu = summary["seconds"], summary["driver_cpu_s"]  # measured inside the driver's run()
             inside = sum(summary["backend_seconds"].values())
             results[label] = {"wall_s": wall, "backend_s": inside, "wall_over_backend": wall / max(inside, 1e-9),
                               "videos_per_h": summary["done"] / wall * 3600, "driver_cpu_share": cpu / wall,
-                              "peak_rss_mb": rss.peak / 2**20, "memory_scope": "driver" if cluster else "process tree",
+                              "peak_rss_mb": rss.peak / 2**20, "memory_scope": "driver; nodes not counted" if cluster else "driver and its Ray workers" if "ray" in label else "driver",
                               "done": summary["done"], "backend_seconds": summary["backend_seconds"],
                               "pools": summary.get("ray", {}).get("pools")}  # fmt: skip
     lines = [f"## Preprocessing engines ({videos} videos of {frames} frames at {size}x{size}, MediaPipe on CPU)", "",
@@ -183,8 +186,11 @@ def engines(videos: int = 6, frames: int = 48, size: int = 256) -> tuple[dict, l
     lines += ["", "Measured in one run on this machine's CPUs, where the models share the cores with decoding "
               "and encoding and Ray's start-up (workers importing torch and MediaPipe) is part of the wall time; "
               "the ratio the streaming engine is built for (<= 1.25) is the one on GPU nodes, where the models "
-              "run beside the CPU stages. Driver CPU share: the driver process's CPU seconds over the wall time "
-              "(the local engine does all the work in it). The rehearsal cluster's nodes run on the same 2 cores "
+              "run beside the CPU stages. Each row is a fresh driver process; wall time and the driver's CPU "
+              "seconds are measured inside its `run()` (the Ray rows include connecting to or starting the "
+              "cluster and the workers' start-up). Driver CPU share: the driver's CPU seconds over the wall "
+              "time (the local engine does all the work in it). The rehearsal cluster's nodes run on the same 2 cores "
               "(3 logical CPUs declared: head 2, node 1 with a fake GPU for the pose actor); its memory column "
-              "counts the driver only (the nodes' processes are not its children).", ""]  # fmt: skip
+              "leaves out the nodes' processes (they are not the driver's children). Every memory figure includes "
+              "the benchmark's own process (about the same in each row).", ""]  # fmt: skip
     return results, lines

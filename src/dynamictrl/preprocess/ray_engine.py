@@ -395,15 +395,29 @@ def gpu_weights(cfg: DictConfig) -> dict[str, float]:
 def plan(e: DictConfig, cfg: DictConfig, wait_s: float) -> DictConfig:
     """The engine config with `auto` pools resolved from the cluster, once the cluster can place every
     actor (per node and per GPU); waits up to `wait_s` for nodes to join (autoscaling), then one line."""
-    from dynamictrl.preprocess.resources import resolve_pools, unschedulable, wait_until_schedulable
+    from dynamictrl.preprocess.resources import bundles, resolve_pools, unschedulable, wait_until_schedulable
 
     def nodes() -> list[dict[str, float]]:
         return [dict(n["Resources"]) for n in alive_nodes()]
 
     resolved = resolve_pools(e, nodes(), gpu_weights(cfg))
     if unschedulable(resolved, nodes()) is not None:
+        if wait_s > 0:  # an autoscaling cluster adds nodes for demands it sees: show it the pipeline's
+            autoscaler_request(bundles(resolved))
         wait_until_schedulable(resolved, nodes, wait_s, warn=lambda line: print(f"preprocess: {line}", flush=True))
     return resolved
+
+
+def autoscaler_request(shapes: list[dict[str, float]]) -> bool:
+    """Ask an autoscaler (if the cluster runs one) for room for `shapes`; [] withdraws the request.
+    A hint: without an autoscaler it changes nothing. False when Ray refused it."""
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=shapes)
+    except Exception:  # noqa: BLE001 - only a hint; the wait below says what is missing
+        return False
+    return True
 
 
 def check_resources(e: DictConfig, nodes: list[dict[str, float]]) -> None:
@@ -431,7 +445,7 @@ class RayEngine:
         try:
             local = not e.address
             self.pools = plan(e, cfg, 0.0 if local else float(e.wait_for_resources_s))
-            check_visible(sorted({str(it.path) for it in todo}), out)
+            check_visible([str(cfg.input), *sorted({str(it.path) for it in todo})[:16]], out)
             # A killed run's staged samples and unfinished shards go (their inputs are redone); each run
             # stages in its own folder, so a task the killed run left running cannot touch this run's files.
             for old in [*out.glob(f".staging-rank{rank:04d}-*"), *out.glob(f".*-{rank:04d}-[0-9]*.tar.*.tmp")]:
@@ -490,6 +504,8 @@ class RayEngine:
         staging = getattr(self, "staging", None)
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+        if ray.is_initialized() and self.e.address:
+            autoscaler_request([])  # the run's demand ends with it
         if self.started:
             ray.shutdown()
             self.started = False

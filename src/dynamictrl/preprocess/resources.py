@@ -77,6 +77,17 @@ def _pool(e: DictConfig, stage: str) -> tuple[float, float, int]:
     return gpu, float(e[stage].num_cpus), int(concurrency)
 
 
+def bundles(e: DictConfig) -> list[dict[str, float]]:
+    """What the pipeline asks of the cluster, as resource shapes for an autoscaler
+    (`ray.autoscaler.sdk.request_resources`): one per actor, and one decode/encode task."""
+    shapes = []
+    for stage in STAGES:
+        gpu, cpu, actors = _pool(e, stage)
+        shapes += [{k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v > 0}] * actors
+    task = max(float(e.decode.num_cpus), float(e.encode.num_cpus))
+    return [b for b in shapes if b] + ([{"CPU": task}] if task > 0 else [])
+
+
 def _place(cpu_free: float, gpus_free: list[float], cpu: float, gpu: float) -> list[int] | None:
     """The GPUs (indices) an actor takes on a node with these free resources; None when it does not fit.
     A fraction of a GPU must fit on one GPU; n >= 1 GPUs take n whole free GPUs."""

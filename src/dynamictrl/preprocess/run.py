@@ -223,7 +223,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stats: Counter = Counter(skipped=len(items) - len(todo))
     reasons: Counter = Counter()
     backend_seconds: Counter = Counter()
-    frames_done, start = 0, time.perf_counter()
+    frames_done, start, cpu0 = 0, time.perf_counter(), _cpu_seconds()
 
     def record(rows: list[dict]) -> None:
         if rows:
@@ -269,7 +269,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = {"rank": rank, "world_size": world, "engine": engine, "inputs": len(items), "done": stats["done"],
                "skipped": stats["skipped"], "clips": stats["clips"], "rejected": dict(reasons),
                "frames_per_s": frames_done / max(seconds, 1e-9), "seconds": seconds,
-               "backend_seconds": dict(backend_seconds), "peak_rss_mb": peak_rss_mb(), "output": str(out)}  # fmt: skip
+               "backend_seconds": dict(backend_seconds), "peak_rss_mb": peak_rss_mb(), "output": str(out),
+               "driver_cpu_s": _cpu_seconds() - cpu0}  # fmt: skip
     if runner is not None:
         summary["ray"] = runner.summary
     print(f"preprocess: {summary['done']} done, {summary['skipped']} skipped, "
@@ -278,6 +279,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if items and not stats["done"] and not stats["skipped"]:
         raise UserError(f"no input could be processed; see {rejects}")
     return summary
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process so far: the driver's own work, not its workers'."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def peak_rss_mb() -> float:
