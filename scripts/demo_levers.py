@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     if a.base_steps and not embedded.BASE_ASSET.is_file():
         cut = [] if a.frames == 9 else [f"num_frames={a.frames}", "stride=5"]
         embedded.fit_base_asset(a.base_steps, data_root=f"data/levers-base-{a.frames}", out=embedded.BASE_ASSET,
-                                progress=False, preprocess_overrides=cut)  # fmt: skip
+                                progress=False, preprocess_overrides=cut, layout="tiny")  # fmt: skip
     model = embedded.build(out / "model", progress=False) if not (out / "model").is_dir() else out / "model"
     vae = embedded.load_vae_file(a.vae) if a.vae else embedded.shipped_vae()
     lat = (a.frames - 1) // vae.config.temporal_compression_ratio + 1

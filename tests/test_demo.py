@@ -13,17 +13,21 @@ from dynamictrl.utils.video import read_frames_dir
 
 
 @pytest.mark.slow
-def test_the_demo_chain_writes_its_reports_videos_and_pictures(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["tiny", "demo"])
+def test_the_demo_chain_writes_its_reports_videos_and_pictures(layout, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("DYNAMICTRL_DATA", str(tmp_path / "data"))  # the embedded model: the tiny fixture
     shutil.copytree(tiny_model, embedded.default_path())
     data, out = tmp_path / "demo", tmp_path / "out"
     train = [f"data.train_shards={data}/shards/train-*.tar", "trainer.max_steps=2", "samples.every_n_steps=0",
              "logger=csv", "checkpoint_every=2", "trainer.enable_progress_bar=false"]  # fmt: skip
-    cfg = config.load("demo", [f"output={out}", f"data.root={data}", "data.num_train=2", "data.num_test=1",
+    cfg = config.load("demo", [f"output={out}", f"data.root={data}", "data.num_train=2", "data.num_test=1", f"layout={layout}",
                                "eval_clips=2", "animate.steps=2",
                                "train_overrides=[" + ",".join(f"'{o}'" for o in train) + "]"])  # fmt: skip
     report = run(cfg)
-    assert report["train_steps"] == 2 and report["held_out_clips"] == 2
+    assert report["train_steps"] == 2 and report["held_out_clips"] == 2 and report["layout"] == layout
+    trained = json.loads((out / "train" / "dynamictrl.json").read_text())
+    assert trained["num_frames"] == embedded.LAYOUTS[layout]["num_frames"]  # 9, or 17 in the demo layout
+    assert (embedded.default_path(layout) / "model_index.json").is_file()
     assert json.loads((out / "report.json").read_text())["trained"] == report["trained"]
     for label in ("trained", "untrained", "static_reference", "vae_ceiling"):
         m = report[label]

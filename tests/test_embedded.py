@@ -59,7 +59,7 @@ def test_fit_base_writes_an_i2v_base_without_pose_branch_that_builds_load(tmp_pa
     monkeypatch.setattr(embedded, "BASE_ASSET", tmp_path / "assets" / "tiny-base.safetensors")
     assert embedded.shipped_base() is None
     meta = embedded.fit_base_asset(steps=2, data_root=tmp_path / "data", progress=False,
-                                   preprocess_overrides=["progress=false"], num_train=2)  # fmt: skip
+                                   preprocess_overrides=["progress=false"], num_train=2, layout="tiny")  # fmt: skip
     assert meta["fit"]["steps"] == 2 and meta["architecture"]["num_layers"] == embedded.TRANSFORMER["num_layers"]
     weights = load_file(embedded.BASE_ASSET)
     pose = tuple(embedded.DynamiCtrlTransformer3DModel(**embedded.TRANSFORMER).new_modules())

@@ -20,11 +20,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dynamictrl import config
-from dynamictrl.data.demo_data import make_demo_data
-from dynamictrl.demo import FIRST, generate_all, held_out, masks_of, swap_gains
+from dynamictrl.demo import FIRST, generate_all, held_out, masks_of, prepare, swap_gains
 from dynamictrl.eval import pose_swap
 from dynamictrl.eval.run import reference_rule, score
-from dynamictrl.models import embedded
 from dynamictrl.utils.video import write_frames
 
 METRICS = ("l1", "ssim", "psnr_star", "figure_psnr", "figure_ssim", "pose_pck")
@@ -58,13 +56,13 @@ def overheads(trained: Path, control: str) -> dict[str, float]:
 
 
 def run_variant(name: str, variant: DictConfig, seed: int, cfg: DictConfig, samples: list[dict], reference: Path,
-                poses) -> dict[str, Any]:  # fmt: skip
+                poses, base_overrides: list[str]) -> dict[str, Any]:  # fmt: skip
     """Train one variant with one seed, animate the held-out clips, score them."""
     from dynamictrl.train.run import run as train
 
     out = Path(cfg.output) / "runs" / f"{name}-seed{seed}"
-    overrides = ["experiment=demo", f"output={out / 'train'}", f"model.control={variant.control}", f"seed={seed}",
-                 f"data.train_shards={Path(cfg.data.root) / 'shards' / 'train-*.tar'}", "samples.every_n_steps=0",
+    overrides = [*base_overrides, f"output={out / 'train'}", f"model.control={variant.control}", f"seed={seed}",
+                 "samples.every_n_steps=0",
                  "logger=csv", *([] if variant.text else ["module.text_drop=1.0"]), *cfg.train_overrides]  # fmt: skip
     if not (out / "scores.json").is_file():  # finished runs are kept: a re-run only does what is missing
         trained = train(config.load("train", overrides))
@@ -182,8 +180,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    shards = make_demo_data(cfg.data)
-    embedded.ensure()
+    shards, _, base_overrides = prepare(cfg)
     samples = held_out(shards, cfg.eval_clips)
     reference = out / "reference"
     for s in samples:  # lossless, as the demo's
@@ -195,7 +192,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for seed in cfg.seeds:  # seed-major: an interrupted run still has every variant at the first seed
         for name, variant in cfg.variants.items():
             print(f"ablation: {name}, seed {seed}")
-            runs[name].append(run_variant(name, variant, seed, cfg, samples, reference, poses))
+            runs[name].append(run_variant(name, variant, seed, cfg, samples, reference, poses, base_overrides))
     summary = summarise(runs)
     seconds = time.perf_counter() - start
     (out / "ablation.json").write_text(json.dumps({"summary": summary, "paper": PAPER, "seconds": seconds,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -104,7 +104,7 @@ def report_markdown(report: dict[str, Any], samples: list[dict]) -> str:
     rows = "\n".join(
         f"| {label} | {r['l1']:.3e} | {r['ssim']:.3f} | {r['psnr']:.2f} | {r['psnr_star']:.2f} | "
         f"{_f(r['figure_psnr'], '.2f')} | {_f(r['figure_ssim'], '.3f')} | "
-        f"{_f(r['pose_pck'], '.3f')} | {_f(r['pose_mean_distance'], '.3f')} | {ROWS[label]} |"
+        f"{_f(r['pose_pck'], '.3f')} | {_f(r['pose_mean_distance'], '.3f')} | {report['rows'][label]} |"
         for label in LABELS if (r := report[label])
     )  # fmt: skip
     return (
@@ -149,28 +149,46 @@ def vae_roundtrip(vae, frames: np.ndarray) -> np.ndarray:
     return ((rec.permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy()[: len(frames)]
 
 
+def prepare(cfg: DictConfig) -> tuple[Path, Path, list[str]]:
+    """The demo's data cut for its layout, its base model, and the train overrides that go with them."""
+    layout = cfg.get("layout", "tiny")
+    data = OmegaConf.to_container(cfg.data) | {"preprocess_overrides": embedded.clip_cut(layout)}
+    shards = make_demo_data(data)
+    base = embedded.ensure(layout=layout)
+    overrides = ["experiment=demo", f"model.path={base}", f"model.num_frames={embedded.LAYOUTS[layout]['num_frames']}",
+                 f"data.train_shards={shards / 'train-*.tar'}"]  # fmt: skip
+    return shards, base, overrides
+
+
+def untrained_row(base: Path) -> str:
+    """What the `untrained` row is: the shipped I2V base when the build took one, else a random transformer."""
+    build = json.loads((base / "BUILD.json").read_text()) if (base / "BUILD.json").is_file() else {}
+    if build.get("base_fit"):
+        return (f"the tiny I2V base before fine-tuning: fitted {build['base_fit']['steps']} steps without the pose "
+                "branch (models/assets/tiny-base.*), its pose branch at its initial weights")  # fmt: skip
+    return "the embedded model before training (random transformer)"
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    print("[1/6] synthetic data and shards")
-    shards = make_demo_data(cfg.data)
-    print("[2/6] the embedded tiny model")
-    base = embedded.ensure()
-    print("[3/6] training")
+    print("[1/6] synthetic data and shards, the embedded tiny model")
+    shards, base, overrides = prepare(cfg)
+    print("[2/6] training")
     from dynamictrl.train.run import run as train
 
-    train_cfg = config.load("train", ["experiment=demo", f"output={out / 'train'}", *cfg.train_overrides])
+    train_cfg = config.load("train", [*overrides, f"output={out / 'train'}", *cfg.train_overrides])
     trained = train(train_cfg)
     samples = held_out(shards, cfg.eval_clips)
-    print(f"[4/6] animating {len(samples)} held-out clips")
+    print(f"[3/6] animating {len(samples)} held-out clips")
     for s in samples:  # the ground truth as decoded from the shards, lossless from here on
         write_frames(out / "reference" / s["key"], s["frames"])
     models = {"trained": out / "train", "untrained": base}
     for label, model in models.items():
         generate_all(model, samples, out / label, cfg.animate, label)
     write_baselines(base, samples, out)
-    print("[5/6] evaluation")
+    print("[4/6] evaluation")
     from dynamictrl.pose.mediapipe_backend import MediaPipeHolistic  # real weights, shipped in the wheel
 
     results, poses = {}, MediaPipeHolistic()
@@ -180,7 +198,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write_report(results[label], out / "eval" / label, title=f"Demo: {label} on held-out clips")
     swaps = {label: swap_gains(model, samples, out / f"{label}_swapped", out / "reference", cfg.animate, label,
                                results[label]) for label, model in models.items()}  # fmt: skip
-    print("[6/6] report")
+    print("[5/6] report")
     s, donor = samples[0], pose_swap.swapped(samples)[0]
     untrained, gen, moved = (read_frames_dir(out / label / s["key"]) for label in ("untrained", "trained", "trained_swapped"))
     donor_pose = pose_swap.fit_length(donor["pose"], len(s["pose"]))
@@ -192,7 +210,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     keys = ("l1", "ssim", "psnr", "psnr_star", "figure_psnr", "figure_ssim", "pose_pck", "pose_mean_distance")
     report = {label: {k: finite(results[label][k]) for k in keys} for label in results}
     t, u, static = report["trained"], report["untrained"], report["static_reference"]
-    report |= {"protocol": results["trained"]["protocol"], "reference_frame": reference_rule(FIRST),
+    report |= {"rows": ROWS | {"untrained": untrained_row(base)}, "layout": cfg.get("layout", "tiny"),
+               "protocol": results["trained"]["protocol"], "reference_frame": reference_rule(FIRST),
                "held_out_clips": len(samples), "train_steps": trained["steps"],
                "pose_swap": swaps, "seconds": time.perf_counter() - start,
                "learned": bool(t["psnr_star"] > u["psnr_star"] and t["l1"] < u["l1"]),

@@ -51,6 +51,28 @@ VAE = dict(
     down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
     temporal_compression_ratio=4, sample_height=HEIGHT, sample_width=WIDTH, invert_scale_latents=False,
 )  # fmt: skip
+# Layouts of the embedded transformer: name -> frames per clip and overrides of TRANSFORMER. `tiny` is
+# the default embedded model (make train/animate/eval without a model, the tests); `demo` is the demo's
+# and the ablation's miniature: 17-frame clips in the CogVideoX 1.0 layout (no temporal patch), so 5
+# latent frames give 5 temporal token positions (the `tiny` layout has 2: each token spans 8 frames).
+LAYOUTS = {
+    "tiny": {"num_frames": NUM_FRAMES, "transformer": {}},
+    "demo": {"num_frames": 17, "transformer": {"patch_size_t": None, "sample_frames": 17}},
+}
+
+
+def transformer_config(layout: str = "tiny") -> dict:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: choose one of {sorted(LAYOUTS)}")
+    return TRANSFORMER | LAYOUTS[layout]["transformer"]
+
+
+def clip_cut(layout: str) -> list[str]:
+    """Preprocess overrides that cut the synthetic videos (27 frames) into this layout's clips."""
+    frames = LAYOUTS[layout]["num_frames"]
+    return [] if frames == NUM_FRAMES else [f"num_frames={frames}", "stride=5"]
+
+
 T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
           dropout_rate=0.0, feed_forward_proj="gated-gelu")  # fmt: skip
 SCHEDULER = dict(
@@ -66,9 +88,9 @@ top t-shirt jeans pants standing dancing indoor outdoor room wall floor street p
 appears to be setting there their they it this that color colour long short""".split()
 
 
-def default_path() -> Path:
-    """Where the embedded model lives: $DYNAMICTRL_DATA or ./data, then embedded/<version>."""
-    return Path(os.environ.get("DYNAMICTRL_DATA", "data")) / "embedded" / VERSION
+def default_path(layout: str = "tiny") -> Path:
+    """Where the embedded model lives: $DYNAMICTRL_DATA or ./data, then embedded/<version>[-<layout>]."""
+    return Path(os.environ.get("DYNAMICTRL_DATA", "data")) / "embedded" / (VERSION if layout == "tiny" else f"{VERSION}-{layout}")
 
 
 def build_tokenizer() -> T5Tokenizer:
@@ -194,23 +216,25 @@ def fit_vae_asset(steps: int = VAE_STEPS, seed: int = 0, progress: bool = True) 
 
 
 BASE_ASSET = Path(__file__).with_name("assets") / "tiny-base.safetensors"  # + .json: the fit's figures
-BASE_STEPS = 2000  # the shipped base's fit (python -m dynamictrl.models.embedded fit-base)
+BASE_STEPS = 1500  # the shipped base's fit (python -m dynamictrl.models.embedded fit-base)
+BASE_LAYOUT = "demo"  # the layout the shipped base is fitted for
 
 
-def shipped_base() -> dict[str, torch.Tensor] | None:
+def shipped_base(layout: str = "tiny") -> dict[str, torch.Tensor] | None:
     """The tiny I2V base's transformer weights (no pose branch) fitted by `fit-base` and shipped in the
-    package, or None when missing or fitted for another architecture (the transformer stays random)."""
+    package, or None when missing or fitted for another architecture than `layout`'s (the
+    transformer then stays random)."""
     meta_path = BASE_ASSET.with_suffix(".json")
     if not (BASE_ASSET.is_file() and meta_path.is_file()):
         return None
-    if json.loads(meta_path.read_text()).get("architecture") != json.loads(json.dumps(TRANSFORMER)):
+    if json.loads(meta_path.read_text()).get("architecture") != json.loads(json.dumps(transformer_config(layout))):
         return None
     return load_file(BASE_ASSET)
 
 
 def fit_base_asset(steps: int = BASE_STEPS, seed: int = 0, data_root: str | Path = "data/demo-base",
                    out: Path | None = None, progress: bool = True, preprocess_overrides: list[str] | None = None,
-                   num_train: int = 40) -> dict:  # fmt: skip
+                   num_train: int = 40, layout: str = BASE_LAYOUT) -> dict:  # fmt: skip
     """Fit the tiny I2V base: the embedded transformer trained from random weights for `steps` with the
     demo's recipe but without its pose branch (`module.pose=false`), on synthetic clips of their own
     (seed 1000 + `seed`: not the demo's), as DynamiCtrl starts from a pretrained CogVideoX-I2V. Writes
@@ -225,23 +249,23 @@ def fit_base_asset(steps: int = BASE_STEPS, seed: int = 0, data_root: str | Path
 
     out = out or BASE_ASSET
     data = {"root": str(data_root), "num_train": num_train, "num_test": 1, "seed": 1000 + seed,
-            "preprocess_overrides": list(preprocess_overrides or [])}  # fmt: skip
+            "preprocess_overrides": clip_cut(layout) + list(preprocess_overrides or [])}  # fmt: skip
     shards = make_demo_data(data)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model = build(Path(tmp) / "model", seed=seed, progress=progress, base=False)
+        model = build(Path(tmp) / "model", seed=seed, progress=progress, base=False, layout=layout)
         result = train(config.load("train", [
             "experiment=demo", f"output={tmp}/train", f"model.path={model}", f"data.train_shards={shards}/train-*.tar",
-            f"model.num_frames={NUM_FRAMES}",
+            f"model.num_frames={LAYOUTS[layout]['num_frames']}",
             f"trainer.max_steps={steps}", "module.pose=false", "samples.every_n_steps=0", "logger=csv",
             f"checkpoint_every={steps}", f"trainer.enable_progress_bar={str(progress).lower()}", f"seed={seed}"]))  # fmt: skip
         state = load_file(Path(result["transformer"]) / "diffusion_pytorch_model.safetensors")
         with open(result["metrics_csv"]) as f:
             losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    pose = tuple(DynamiCtrlTransformer3DModel(**TRANSFORMER).new_modules())
+    pose = tuple(DynamiCtrlTransformer3DModel(**transformer_config(layout)).new_modules())
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items() if not k.startswith(pose)}, out)
-    meta = {"architecture": json.loads(json.dumps(TRANSFORMER)), "seed": seed, "data": data,
+    meta = {"architecture": json.loads(json.dumps(transformer_config(layout))), "layout": layout, "seed": seed, "data": data,
             "fit": {"steps": result["steps"], "loss_first_50": float(np.mean(losses[:50])),
                     "loss_last_200": float(np.mean(losses[-200:])), "seconds": time.perf_counter() - start,
                     "recipe": "experiment=demo module.pose=false"}}  # fmt: skip
@@ -250,7 +274,7 @@ def fit_base_asset(steps: int = BASE_STEPS, seed: int = 0, data_root: str | Path
 
 
 def build(path: str | Path, vae_steps: int | None = None, seed: int = 0, progress: bool = True,
-          base: bool = True) -> Path:  # fmt: skip
+          base: bool = True, layout: str = "tiny") -> Path:  # fmt: skip
     """Build the embedded pipeline into `path` (atomically: a temporary folder, then a rename).
 
     `vae_steps=None` takes the VAE shipped in the package (fitted `VAE_STEPS` steps once, offline, by
@@ -263,8 +287,8 @@ def build(path: str | Path, vae_steps: int | None = None, seed: int = 0, progres
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5)).eval()
-    transformer = DynamiCtrlTransformer3DModel(**TRANSFORMER)
-    weights = shipped_base() if base else None
+    transformer = DynamiCtrlTransformer3DModel(**transformer_config(layout))
+    weights = shipped_base(layout) if base else None
     if weights is not None:  # the I2V base; the pose branch keeps its seeded initial weights
         missing, unexpected = transformer.load_state_dict(weights, strict=False)
         pose = tuple(transformer.new_modules())
@@ -281,9 +305,10 @@ def build(path: str | Path, vae_steps: int | None = None, seed: int = 0, progres
                               transformer=transformer, scheduler=scheduler)  # fmt: skip
     pipe.save_pretrained(tmp)
     base_fit = json.loads(BASE_ASSET.with_suffix(".json").read_text())["fit"] if weights is not None else None
-    (tmp / "BUILD.json").write_text(json.dumps({"version": VERSION, "seed": seed, "vae_fit": stats, "base_fit": base_fit}, indent=1))
+    (tmp / "BUILD.json").write_text(json.dumps({"version": VERSION, "layout": layout, "seed": seed, "vae_fit": stats,
+                                                "base_fit": base_fit}, indent=1))  # fmt: skip
     # What animate should default to with this model (`DynamiCtrlPipeline.settings`).
-    defaults = {"buckets": [[HEIGHT, WIDTH], [WIDTH, HEIGHT]], "clip_frames": NUM_FRAMES}
+    defaults = {"buckets": [[HEIGHT, WIDTH], [WIDTH, HEIGHT]], "clip_frames": LAYOUTS[layout]["num_frames"]}
     (tmp / "dynamictrl.json").write_text(json.dumps(defaults, indent=1))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -293,12 +318,13 @@ def build(path: str | Path, vae_steps: int | None = None, seed: int = 0, progres
     return path
 
 
-def ensure(path: str | Path | None = None, vae_steps: int | None = None, progress: bool = True) -> Path:
-    """The embedded model's folder, built first if it is not there yet."""
-    path = Path(path) if path else default_path()
+def ensure(path: str | Path | None = None, vae_steps: int | None = None, progress: bool = True,
+           layout: str = "tiny") -> Path:  # fmt: skip
+    """The embedded model's folder (of `layout`), built first if it is not there yet."""
+    path = Path(path) if path else default_path(layout)
     if not (path / "model_index.json").is_file():
-        print(f"Building the embedded tiny model in {path} (once; seconds with the shipped VAE)")
-        build(path, vae_steps=vae_steps, progress=progress)
+        print(f"Building the embedded tiny model ({layout} layout) in {path} (once; seconds with the shipped VAE)")
+        build(path, vae_steps=vae_steps, progress=progress, layout=layout)
     return path.resolve()  # absolute: ranks and workers may run from other directories
 
 
