@@ -118,8 +118,7 @@ def test_a_window_that_kills_its_worker_is_retried_then_its_input_rejected(tmp_p
         (raw / f"{name}.txt").write_text(CAPTION)
     log = tmp_path / "driver.log"
     proc = driver(tmp_path / "driver", log, f"input={raw}", "output=out", "engine=ray", "engine.num_cpus=2",
-                  "engine.max_retries=2", "pose._target_=dynamictrl.testing.crashing_pose.CrashingPose",
-                  "+pose.crash_height=120")  # fmt: skip
+                  "pose._target_=dynamictrl.testing.crashing_pose.CrashingPose", "+pose.crash_height=120")  # fmt: skip
     try:
         assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]  # unbounded retries never end
     finally:
@@ -128,6 +127,7 @@ def test_a_window_that_kills_its_worker_is_retried_then_its_input_rejected(tmp_p
     out = tmp_path / "driver" / "out"
     reasons = rejects(out)
     assert list(reasons) == ["b_crash.mp4"], reasons
+    # engine.max_retries defaults to 2: the first attempt and 2 retries die, the input is rejected
     assert reasons["b_crash.mp4"].startswith("failed: the pose worker died 3 times on its clip 0 (last: pid ")
     assert [Path(r["source"]).name for r in manifest(out)] == ["a_good.mp4", "c_good.mp4"]
 

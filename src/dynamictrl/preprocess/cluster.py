@@ -78,6 +78,7 @@ class RehearsalCluster:
             time.sleep(1.0)
 
     def stop(self) -> None:
+        """`ray stop --force`: ends every Ray process on this machine (a rehearsal owns the machine)."""
         try:
             self._ray("stop", "--force")
         finally:
