@@ -21,8 +21,12 @@ FRAME_NAME = re.compile(r"\d{5}\.png")  # write_frames' names
 
 class VideoStream:
     """The frames of a video file (or mp4 bytes), decoded one at a time: memory holds one frame, not
-    the video. `fps`, `height`, `width` and `declared` (the container's frame count, 0 if unknown) are
-    known on opening.
+    the video. `fps`, `height`, `width` (as stored) and `declared` (the container's frame count, 0 if
+    unknown) are known on opening.
+
+    Frames come out upright: a phone stores a portrait video as landscape frames with a display
+    rotation (the container's display matrix), which is applied here as players apply it; `rotation`
+    (degrees counterclockwise, as FFmpeg reports it) is known once the first frame is decoded.
 
     A truncated file yields the frames decoded before the damage, unless `strict`: then a decoding
     error after the first frame, or fewer frames than the container declares, raises UserError at the
@@ -49,6 +53,7 @@ class VideoStream:
         self.declared = int(stream.frames or 0)
         self.height, self.width = int(stream.height), int(stream.width)
         self.decoded = 0
+        self.rotation = 0
 
     def __iter__(self) -> Iterator[np.ndarray]:
         """(H, W, 3) uint8 RGB frames in order."""
@@ -56,7 +61,10 @@ class VideoStream:
         try:
             for frame in self._container.decode(stream):
                 self.decoded += 1
-                yield frame.to_ndarray(format="rgb24")
+                self.rotation = int(frame.rotation or 0)
+                image = frame.to_ndarray(format="rgb24")
+                quarter_turns = round(self.rotation / 90) % 4  # counterclockwise, as np.rot90 turns
+                yield np.ascontiguousarray(np.rot90(image, quarter_turns)) if quarter_turns else image
         except av.error.FFmpegError as err:
             if not self.decoded:
                 raise UserError(f"{self.name}: unreadable video ({type(err).__name__}: {err.strerror or err})") from None
