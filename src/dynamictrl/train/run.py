@@ -103,14 +103,19 @@ def finish_wandb(loggers: list) -> None:
             wandb.finish()
 
 
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def merge_metrics(csv_path: Path, previous: Path) -> None:
     """After a resume: the earlier run's rows (before the resumed run's first step), then the new ones.
     (Lightning's CSV logger starts a fresh file; the earlier one was moved to `previous`.)"""
     if not previous.is_file():
         return
-    new = list(csv.DictReader(open(csv_path))) if csv_path.is_file() else []
+    new = _read_csv(csv_path) if csv_path.is_file() else []
     first = min((int(r["step"]) for r in new), default=None)
-    old = [r for r in csv.DictReader(open(previous)) if first is None or int(r["step"]) < first]
+    old = [r for r in _read_csv(previous) if first is None or int(r["step"]) < first]
     fields = list(dict.fromkeys(k for r in old + new for k in r))
     tmp = csv_path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
