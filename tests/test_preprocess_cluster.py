@@ -130,6 +130,7 @@ def test_a_window_that_kills_its_worker_is_retried_then_its_input_rejected(tmp_p
     # engine.max_retries defaults to 2: the first attempt and 2 retries die, the input is rejected
     assert reasons["b_crash.mp4"].startswith("failed: the pose worker died 3 times on its clip 0 (last: pid ")
     assert [Path(r["source"]).name for r in manifest(out)] == ["a_good.mp4", "c_good.mp4"]
+    assert "preprocess: 3 Ray worker(s) died while working" in log.read_text()  # said, not only in rejects
 
 
 @pytest.mark.slow

@@ -493,9 +493,15 @@ class RayEngine:
 
     @property
     def summary(self) -> dict[str, Any]:
+        import ray
+
         wall = time.perf_counter() - self._t0
         cpu = _cpu_seconds() - self._cpu0
-        return {"driver_cpu_s": cpu, "wall_s": wall, "driver_cpu_share": cpu / max(wall, 1e-9),
+        try:
+            deaths = int(ray.get(self.ledger.deaths.remote(), timeout=30))
+        except Exception:  # noqa: BLE001 - a figure for the summary; the run's outcome does not depend on it
+            deaths = None
+        return {"driver_cpu_s": cpu, "wall_s": wall, "driver_cpu_share": cpu / max(wall, 1e-9), "worker_deaths": deaths,
                 "pools": {s: {k: self.pools[s][k] for k in ("concurrency", "num_gpus", "num_cpus")} for s in STAGES}}  # fmt: skip
 
     def close(self) -> None:

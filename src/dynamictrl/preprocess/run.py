@@ -262,6 +262,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record(shards.finish())
     finally:
         if runner is not None:
+            ray_summary = runner.summary  # before close: it asks the cluster
             runner.close()
     bar.close()
     frame_bar.close()
@@ -272,10 +273,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                "backend_seconds": dict(backend_seconds), "peak_rss_mb": peak_rss_mb(), "output": str(out),
                "driver_cpu_s": _cpu_seconds() - cpu0}  # fmt: skip
     if runner is not None:
-        summary["ray"] = runner.summary
+        summary["ray"] = ray_summary
     print(f"preprocess: {summary['done']} done, {summary['skipped']} skipped, "
           f"{sum(reasons.values())} rejected {dict(reasons) or ''}, {summary['clips']} clips, "
           f"{summary['frames_per_s']:.1f} frames/s -> {out}")  # fmt: skip
+    if summary.get("ray", {}).get("worker_deaths"):
+        print(f"preprocess: {summary['ray']['worker_deaths']} Ray worker(s) died while working (retried up to "
+              f"engine.max_retries={cfg.engine.max_retries} times; inputs that still failed are in {rejects.name})")  # fmt: skip
     if items and not stats["done"] and not stats["skipped"]:
         raise UserError(f"no input could be processed; see {rejects}")
     return summary
