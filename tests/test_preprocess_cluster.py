@@ -190,3 +190,50 @@ def test_rows_carry_raw_arrays_and_never_a_sample():
     w.sample = {"__key__": "v-0001", "mp4": b"x"}
     with pytest.raises(ValueError, match="does not travel in a row"):
         to_row(w)
+
+
+class Died(BaseException):
+    """Stands for a worker's death: no `except Exception` catches it, so it leaves the ledger's entries
+    open exactly as a killed process does."""
+
+
+def test_a_caption_batch_whose_worker_dies_is_retried_window_by_window():
+    """Attempt 1 dies in the batch (all 3 windows charged once); from then on the windows go one by one,
+    so only the window that kills its worker reaches max_retries deaths and is rejected."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from dynamictrl import config
+    from dynamictrl.preprocess.ray_engine import Attempts, Stage
+    from dynamictrl.preprocess.stages import Failed, Window
+
+    calls: list[int] = []
+
+    class Captioner:
+        name, version = "fake", "1"
+
+        def __call__(self, clips):
+            calls.append(len(clips))
+            if any(c[0, 0, 0, 0] == 1 for c in clips):
+                raise Died
+            return ["A person."] * len(clips)
+
+    stage = Stage(OmegaConf.to_container(config.load("preprocess", [])), "caption", Attempts(), 2)
+    stage.backends = SimpleNamespace(caption=Captioner())
+
+    def windows():
+        made = [Window(v, 0, 0, np.arange(2), {}, frames=np.zeros((2, 4, 4, 3), np.uint8), crop=[0, 0, 4, 4])
+                for v in range(3)]  # fmt: skip
+        made[1].frames[0, 0, 0, 0] = 1  # the window that kills its worker
+        return made
+
+    for _ in range(3):  # the batch dies, then window 1 dies alone twice
+        with pytest.raises(Died):
+            stage._caption(windows())
+    assert calls == [3, 1, 1, 1, 1]
+    done = stage._caption(windows())
+    results = list(done.values())
+    assert isinstance(results[1], Failed) and results[1].reason.startswith("failed: the caption worker died 3 times")
+    assert [r.caption for i, r in enumerate(results) if i != 1] == ["A person.", "A person."]
+    assert calls == [3, 1, 1, 1, 1, 1, 1]  # windows 0 and 2 run again alone; window 1 is not run a 4th time

@@ -86,6 +86,11 @@ class Attempts:
     def end(self, key: str) -> None:
         self._open.pop(key, None)
 
+    def withdraw(self, key: str) -> None:
+        """Close this attempt's entry without closing the unit (opened, then not run this way)."""
+        if self._open.get(key):
+            self._open[key].pop()
+
     def deaths(self) -> int:
         return self._deaths
 
@@ -99,7 +104,8 @@ class Guard:
     def where(self) -> str:
         import ray
 
-        return f"pid {os.getpid()} on node {ray.util.get_node_ip_address()}"
+        node = ray.util.get_node_ip_address() if ray.is_initialized() else "this machine"
+        return f"pid {os.getpid()} on node {node}"
 
     def reason(self, index: int, earlier: list[str]) -> str | None:
         """The reject reason once the unit's workers died more than `max_retries` times, else None."""
@@ -110,15 +116,27 @@ class Guard:
         return (f"failed: the {self.stage} worker died {n} time{'s' if n > 1 else ''} {what} (last: {earlier[-1]}): killed, out "
                 "of memory or crashed in native code; Ray's logs on that node are in /tmp/ray/session_latest/logs")  # fmt: skip
 
-    def begin(self, video: int, index: int) -> str | None:
+    def _call(self, name: str, *args):
+        """A ledger method: on the Ray actor, or on a plain `Attempts` (unit tests)."""
+        method = getattr(self.ledger, name)
+        if not hasattr(method, "remote"):
+            return method(*args)
         import ray
 
-        return self.reason(index, ray.get(self.ledger.begin.remote(self._key(video, index), self.where())))
+        return ray.get(method.remote(*args))
+
+    def open(self, video: int, index: int) -> list[str]:
+        """Open this attempt's entry; returns the earlier attempts that died (where they ran)."""
+        return self._call("begin", self._key(video, index), self.where())
+
+    def begin(self, video: int, index: int) -> str | None:
+        return self.reason(index, self.open(video, index))
 
     def end(self, video: int, index: int) -> None:
-        import ray
+        self._call("end", self._key(video, index))
 
-        ray.get(self.ledger.end.remote(self._key(video, index)))
+    def withdraw(self, video: int, index: int) -> None:
+        self._call("withdraw", self._key(video, index))
 
     def _key(self, video: int, index: int) -> str:
         return f"{self.stage}/{video}/{index}"
@@ -156,25 +174,23 @@ class Stage:
         return mask_and_crop(w, self.cfg, self.backends)
 
     def _caption(self, windows: list[Window]) -> dict[int, Window | Failed]:
-        """Captions in one batch; a batch that raised, or whose worker died before, window by window."""
+        """Captions in one batch; window by window when the batch raised, or when a worker died on any
+        of its windows before (so that only the window that kills it is charged from then on)."""
         from dynamictrl.preprocess.stages import caption
 
-        reasons = {id(w): self.guard.begin(w.video, w.index) for w in windows}
-        done: dict[int, Window | Failed] = {id(w): Failed(w.video, w.index, r) for w in windows if (r := reasons[id(w)])}
-        todo = [w for w in windows if id(w) not in done]
-        crashed_before = any(r is not None for r in reasons.values())
-        try:
-            if todo and not crashed_before:
-                caption(todo, self.backends)
-                done |= {id(w): w for w in todo}
-                todo = []
-        except Exception:  # noqa: BLE001 - the batch failed: caption window by window to find the culprit
-            pass
-        for w in todo:
-            done[id(w)] = guarded(lambda x: caption([x], self.backends)[0], w)
+        earlier = {id(w): self.guard.open(w.video, w.index) for w in windows}
+        if not any(earlier.values()):
+            try:
+                caption(windows, self.backends)
+            except Exception:  # noqa: BLE001 - the batch failed: caption window by window to find the culprit
+                pass
+            else:
+                for w in windows:
+                    self.guard.end(w.video, w.index)
+                return {id(w): w for w in windows}
         for w in windows:
-            self.guard.end(w.video, w.index)
-        return done
+            self.guard.withdraw(w.video, w.index)
+        return {id(w): self.guard.run(lambda x: caption([x], self.backends)[0], w) for w in windows}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         objs = [from_row(r) for r in _rows(batch)]
