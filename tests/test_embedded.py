@@ -73,3 +73,13 @@ def test_fit_base_writes_an_i2v_base_without_pose_branch_that_builds_load(tmp_pa
     assert all(torch.equal(state[k], fresh[k]) for k in state if k.startswith(pose))  # the pose branch: its seeded init
     monkeypatch.setattr(embedded, "TRANSFORMER", embedded.TRANSFORMER | {"num_layers": 2})
     assert embedded.shipped_base() is None  # fitted for another architecture: the transformer stays random
+
+
+def test_the_shipped_i2v_base_fits_the_demo_layout_only():
+    meta = json.loads(embedded.BASE_ASSET.with_suffix(".json").read_text())
+    assert meta["layout"] == embedded.BASE_LAYOUT == "demo" and meta["fit"]["steps"] == embedded.BASE_STEPS
+    assert meta["fit"]["loss_last_200"] < meta["fit"]["loss_first_50"] / 3  # it learnt to denoise
+    weights = embedded.shipped_base("demo")
+    assert weights is not None and embedded.shipped_base("tiny") is None  # another architecture: not loaded
+    pose = tuple(embedded.DynamiCtrlTransformer3DModel(**embedded.transformer_config("demo")).new_modules())
+    assert not any(k.startswith(pose) for k in weights)

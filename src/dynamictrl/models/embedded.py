@@ -36,7 +36,7 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 from dynamictrl.models.pipeline import DynamiCtrlPipeline
 from dynamictrl.models.transformer import DynamiCtrlTransformer3DModel
 
-VERSION = "tiny-v6"  # bump when the recipe below changes: the cache is keyed by it
+VERSION = "tiny-v7"  # bump when the recipe below changes: the cache is keyed by it
 HEIGHT, WIDTH, NUM_FRAMES = 96, 64, 9
 
 TRANSFORMER = dict(
