@@ -133,12 +133,16 @@ def test_a_window_that_kills_its_worker_is_retried_then_its_input_rejected(tmp_p
     assert "preprocess: 3 Ray worker(s) died while working" in log.read_text()  # said, not only in rejects
 
 
+def mount_namespaces() -> bool:
+    """`unshare -m` works here (root, or unprivileged user namespaces): a process can get a private mount."""
+    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-m", "true"]).returncode == 0
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not mount_namespaces(), reason="needs unshare -m to give the driver a folder the workers cannot see")
 def test_an_output_the_workers_cannot_see_is_refused_with_one_line(mixed, tmp_path):  # noqa: F811
     """The driver alone mounts a private folder over its output's parent (a mount namespace), as a local
     disk on the driver's node would be: the workers, outside it, cannot see the output."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
-        pytest.skip("needs unshare -m (mount namespaces) to give the driver a folder the workers cannot see")
     private = tmp_path / "private"
     private.mkdir()
     with RehearsalCluster(tmp_path / "cluster") as cluster:
