@@ -8,16 +8,21 @@ from dynamictrl import config
 from dynamictrl.train.run import run
 
 
-def test_a_training_step_updates_the_transformer_and_padaln(tiny_model, shards, tmp_path):
-    cfg = config.load("train", ["experiment=demo", f"data.train_shards={shards}/train-*.tar", f"output={tmp_path}",
-                                "data.batch_size=2", "module.ref_drop=0"])  # fmt: skip
+def module_and_batch(tiny_model, shards, tmp_path, *overrides: str):
+    """The demo recipe's training module on the tiny model, and a first batch of 2 from the shards."""
     from hydra.utils import instantiate
 
+    cfg = config.load("train", ["experiment=demo", f"data.train_shards={shards}/train-*.tar", f"output={tmp_path}",
+                                "data.batch_size=2", *overrides])  # fmt: skip
     module = instantiate(cfg.module, model_path=str(tiny_model))
     module.configure_model()
     dm = instantiate(cfg.data)
     dm.setup()
-    batch = next(iter(dm.train_dataloader()))
+    return module, next(iter(dm.train_dataloader()))
+
+
+def test_a_training_step_updates_the_transformer_and_padaln(tiny_model, shards, tmp_path):
+    module, batch = module_and_batch(tiny_model, shards, tmp_path, "module.ref_drop=0")
     assert batch["video"].shape == (2, 3, 9, 96, 64)
     loss = module.loss(batch, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and loss > 0
@@ -120,15 +125,7 @@ def test_ema_export_wandb_offline_and_sample_videos(tiny_model, shards, tmp_path
 
 def test_pose_false_trains_the_base_without_the_pose_branch(tiny_model, shards, tmp_path):
     """module.pose=false: the I2V base (what the demo fine-tunes): no gradient reaches the pose branch."""
-    from hydra.utils import instantiate
-
-    cfg = config.load("train", ["experiment=demo", f"data.train_shards={shards}/train-*.tar", f"output={tmp_path}",
-                                "data.batch_size=2", "module.pose=false"])  # fmt: skip
-    module = instantiate(cfg.module, model_path=str(tiny_model))
-    module.configure_model()
-    dm = instantiate(cfg.data)
-    dm.setup()
-    batch = next(iter(dm.train_dataloader()))
+    module, batch = module_and_batch(tiny_model, shards, tmp_path, "module.pose=false")
     module.loss(batch, generator=torch.Generator().manual_seed(0)).backward()
     pose = [p for n, p in module.transformer.named_parameters() if n.startswith(tuple(module.transformer.new_modules()))]
     assert pose and all(p.grad is None for p in pose)
