@@ -22,6 +22,7 @@ fresh worker, then its input is rejected with that reason and the run goes on (`
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import resource
@@ -228,16 +229,10 @@ def stage_sample(w: Window, folder: Path) -> Window:
         for name in sorted(k for k in sample if not k.startswith("__")):
             info = tarfile.TarInfo(f"{key}.{name}")
             info.size = len(sample[name])
-            tar.addfile(info, _reader(sample[name]))
+            tar.addfile(info, io.BytesIO(sample[name]))
     os.replace(tmp, final)
     w.sample, w.staged = None, [key, final.name]
     return w
-
-
-def _reader(data: bytes):
-    import io
-
-    return io.BytesIO(data)
 
 
 def read_staged(path: Path) -> dict[str, Any]:
