@@ -61,3 +61,29 @@ def test_the_demo_chain_writes_its_reports_videos_and_pictures(layout, tiny_mode
     assert "| static_reference |" in (out / "report.md").read_text()
     assert (out / "side_by_side.mp4").stat().st_size > 0 and (out / "side_by_side.png").stat().st_size > 0
     assert "| trained |" in (out / "report.md").read_text()
+
+
+def test_held_out_clips_take_one_clip_of_each_video_before_a_second():
+    from dynamictrl.demo import spread_over_videos
+
+    clips = [{"key": f"test_v{v}-{i:04d}", "meta": {"video_id": f"test_v{v}"}} for v in range(3) for i in range(3)]
+    keys = [s["key"] for s in spread_over_videos(clips, 5)]
+    assert keys == ["test_v0-0000", "test_v1-0000", "test_v2-0000", "test_v0-0001", "test_v1-0001"]
+    assert [s["key"] for s in spread_over_videos(clips[:3], 2)] == ["test_v0-0000", "test_v0-0001"]  # one video: its clips
+
+
+def test_demo_data_of_another_recipe_is_made_again_not_mixed(tmp_path):
+    """The same seed and index give the same video, so a test video of one recipe is a training video of
+    another with more training videos: a root made by another recipe is made again from nothing."""
+    from dynamictrl.data.demo_data import make_demo_data
+    from dynamictrl.data.shards import list_shards
+
+    recipe = {"root": str(tmp_path / "d"), "num_train": 1, "num_test": 1, "seed": 0, "preprocess_overrides": ["num_frames=9"]}
+    shards = make_demo_data(recipe)
+    first = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
+    assert make_demo_data(recipe) == shards and {p.name: p.stat().st_mtime_ns for p in shards.iterdir()} == first
+    make_demo_data(recipe | {"num_train": 2})
+    assert sorted(p.name for p in (tmp_path / "d" / "raw" / "train").iterdir()) == ["synth0000", "synth0001"]
+    assert [p.name for p in (tmp_path / "d" / "raw" / "test").iterdir()] == ["synth0002"]  # synth0001 was the test video
+    keys = {json.loads(line)["video_id"] for line in (shards / "manifest.jsonl").read_text().splitlines()}
+    assert keys == {"train_synth0000", "train_synth0001", "test_synth0002"} and list_shards(str(shards / "train-*.tar"))

@@ -34,9 +34,20 @@ FIRST = 1  # the first scored frame: frame 0 is the reference, given to the mode
 
 
 def held_out(shards: Path, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` test clips of the shards, spread over their videos (`spread_over_videos`)."""
     urls = list_shards(str(shards / "test-*.tar"))
-    samples = [decode_sample(s) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
-    return samples[:limit]
+    return spread_over_videos([decode_sample(s) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)], limit)
+
+
+def spread_over_videos(samples: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The first clip of each video, then the second of each, and so on, up to `limit`. With as many
+    test videos as clips, no two clips overlap, the pose swap's donor is always another video, and
+    the bootstrap's clips are independent."""
+    by_video: dict[str, list[dict[str, Any]]] = {}
+    for s in samples:
+        by_video.setdefault(s["meta"].get("video_id") or s["key"].rsplit("-", 1)[0], []).append(s)
+    rounds = max((len(v) for v in by_video.values()), default=0)
+    return [v[i] for i in range(rounds) for v in by_video.values() if i < len(v)][:limit]
 
 
 def generate_all(model, samples: list[dict], folder: Path, cfg: DictConfig, label: str,

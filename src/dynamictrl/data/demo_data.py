@@ -3,6 +3,8 @@ and `make train ARGS=experiment=demo` (kept apart from `dynamictrl.demo`, which 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -13,10 +15,22 @@ from dynamictrl.data.synthetic import generate
 
 
 def make_demo_data(cfg: DictConfig | dict) -> Path:
-    """Synthetic videos under ROOT/raw and their shards under ROOT/shards (skipped when present);
-    `preprocess_overrides` (optional) go to the preprocess config (e.g. `num_frames=17`)."""
+    """Synthetic videos under ROOT/raw and their shards under ROOT/shards (skipped when present and made
+    by the same recipe, which ROOT/demo_data.json records; made again from nothing when the recipe
+    differs); `preprocess_overrides` (optional) go to the preprocess config (e.g. `num_frames=17`)."""
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     root = Path(cfg.root)
+    recipe = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "root"}
+    record = root / "demo_data.json"
+    made = any((root / part).exists() for part in ("raw", "shards"))
+    if made and (not record.is_file() or json.loads(record.read_text()) != recipe):
+        # Another recipe's data (or one from before the record): a test video of one recipe can be a
+        # training video of another (same seed, same index), so nothing of it is kept.
+        print(f"{root}: made with another recipe than {recipe}; making it again")
+        for part in ("raw", "shards"):
+            shutil.rmtree(root / part, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(recipe, indent=1))
     generate(root / "raw", num_train=cfg.num_train, num_test=cfg.num_test, num_frames=27, seed=cfg.seed)
     shards = root / "shards"
     if not list_shards(str(shards / "train-*.tar")):
