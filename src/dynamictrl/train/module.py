@@ -78,6 +78,18 @@ class EMAWeights(nn.Module):
         return list(zip(self.names, self.tensors(), strict=True))
 
 
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def draw_timesteps(n: int, num_train_timesteps: int, sampling: str, mean: float, std: float,
+                   generator: torch.Generator | None) -> torch.Tensor:  # fmt: skip
+    """n training timesteps in [0, num_train_timesteps): uniform, or logit-normal in t / T."""
+    if sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    u = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
 def check_resume_keys(expected: list[str], saved: Any) -> None:
     """Strict loading is off under LoRA (its checkpoints lack the frozen base): check that what trains is there."""
     missing = [k for k in expected if k not in saved]
@@ -158,6 +170,11 @@ class DynamiCtrlModule(L.LightningModule):
             `models.latents`); None: the loaded checkpoint's convention. The export records it.
         pose: False trains the base I2V model: the transformer runs without its pose branch, which
             keeps its initial weights (the tiny I2V base the demo fine-tunes from, `models/embedded.py`).
+        timesteps: how training timesteps are drawn: `uniform` (the official recipe) or `logit_normal`
+            (t / T = sigmoid(N(timestep_mean, timestep_std)); a positive mean draws more high-noise
+            steps, where the layout, and so the pose, decides the prediction).
+        base_lr_scale: learning rate of the weights the base checkpoint has, relative to optimizer.lr;
+            the pose branch (`new_modules`) keeps optimizer.lr. 1.0: one group, as the official recipe.
 
     Nothing is loaded in the constructor: `configure_model` (called by the Trainer under the strategy's
     contexts, or directly outside a Trainer) builds the transformer on the meta device, adds the LoRA
@@ -188,10 +205,20 @@ class DynamiCtrlModule(L.LightningModule):
         lora: dict[str, Any] | None = None,
         reference_scaling: str | None = None,
         pose: bool = True,
+        timesteps: str = "uniform",
+        timestep_mean: float = 0.0,
+        timestep_std: float = 1.0,
+        base_lr_scale: float = 1.0,
     ):
         super().__init__()
         if weights not in ("pretrained", "random"):
             raise UserError(f"module.weights={weights}: use pretrained or random")
+        if timesteps not in TIMESTEP_SAMPLINGS:
+            raise UserError(f"module.timesteps={timesteps}: use one of {', '.join(TIMESTEP_SAMPLINGS)}")
+        if not timestep_std > 0:
+            raise UserError(f"module.timestep_std={timestep_std}: must be positive")
+        if not base_lr_scale >= 0:
+            raise UserError(f"module.base_lr_scale={base_lr_scale}: must be 0 or more")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         if reference_scaling not in (None, *Z.REFERENCE_SCALINGS):
@@ -364,11 +391,12 @@ class DynamiCtrlModule(L.LightningModule):
             image_lat = image_lat * keep[:, None, None, None, None]
             text = self.text_embeddings(batch, captions)
 
-        # 2. Noise the target at uniform timesteps.
+        # 2. Noise the target at the drawn timesteps.
         p_t = self.transformer.config.patch_size_t
         target_p, pose_p, image_p = (self.codec.pad(x) for x in (target, pose_lat, image_lat))
         noise = torch.randn(target_p.shape, generator=generator).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(device)
+        t = draw_timesteps(b, sched.config.num_train_timesteps, hp.timesteps, hp.timestep_mean, hp.timestep_std,
+                           generator).to(device)  # fmt: skip
         noisy = sched.add_noise(target_p, noise, t)
 
         # 3. Predict v; recover x0 and weight as in CogVideoX fine-tuning.
@@ -431,6 +459,14 @@ class DynamiCtrlModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.transformer.parameters() if p.requires_grad]
+        scale = self.hparams.base_lr_scale
+        if scale != 1.0:  # two groups: the pose branch at optimizer.lr, the base's weights scaled
+            branch = tuple(f"{name}." for name in self.transformer.new_modules())
+            named = self.trainable()
+            pose = [p for n, p in named if n.startswith(branch)]
+            rest = [p for n, p in named if not n.startswith(branch)]
+            lr = self.optimizer_factory.keywords["lr"]
+            params = [{"params": pose}, {"params": rest, "lr": lr * scale}]
         opt = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return opt
