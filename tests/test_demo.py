@@ -81,7 +81,10 @@ def test_demo_data_of_another_recipe_is_made_again_not_mixed(tmp_path):
     recipe = {"root": str(tmp_path / "d"), "num_train": 1, "num_test": 1, "seed": 0, "preprocess_overrides": ["num_frames=9"]}
     shards = make_demo_data(recipe)
     first = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
+    record = tmp_path / "d" / "demo_data.json"
+    written = record.stat().st_mtime_ns
     assert make_demo_data(recipe) == shards and {p.name: p.stat().st_mtime_ns for p in shards.iterdir()} == first
+    assert record.stat().st_mtime_ns == written  # not rewritten: another run sharing the root may be reading it
     make_demo_data(recipe | {"num_train": 2})
     assert sorted(p.name for p in (tmp_path / "d" / "raw" / "train").iterdir()) == ["synth0000", "synth0001"]
     assert [p.name for p in (tmp_path / "d" / "raw" / "test").iterdir()] == ["synth0002"]  # synth0001 was the test video

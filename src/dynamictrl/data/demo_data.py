@@ -4,6 +4,7 @@ and `make train ARGS=experiment=demo` (kept apart from `dynamictrl.demo`, which 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,11 @@ def make_demo_data(cfg: DictConfig | dict) -> Path:
         for part in ("raw", "shards"):
             shutil.rmtree(root / part, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(recipe, indent=1))
+    if not record.is_file() or json.loads(record.read_text()) != recipe:
+        # Atomically, and only when it changes: runs sharing the data (the ablation beside a demo) read it.
+        tmp = record.with_name(f".{record.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(recipe, indent=1))
+        os.replace(tmp, record)
     generate(root / "raw", num_train=cfg.num_train, num_test=cfg.num_test, num_frames=27, seed=cfg.seed)
     shards = root / "shards"
     if not list_shards(str(shards / "train-*.tar")):
