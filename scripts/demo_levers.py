@@ -32,7 +32,7 @@ from dynamictrl.demo import held_out
 from dynamictrl.models import embedded
 
 
-def evaluate(pipe, samples: list[dict], out: Path) -> dict:
+def evaluate(pipe, samples: list[dict], out: Path, guidance_scale: float = 3.0) -> dict:
     """The demo's measures for a trained pipeline: own-pose scores, static reference, pose-swap gain."""
     import numpy as np
     from omegaconf import OmegaConf
@@ -41,7 +41,7 @@ def evaluate(pipe, samples: list[dict], out: Path) -> dict:
     from dynamictrl.eval.run import score
     from dynamictrl.utils.video import write_frames
 
-    cfg = OmegaConf.create({"seed": 0, "steps": 25, "guidance_scale": 3.0})
+    cfg = OmegaConf.create({"seed": 0, "steps": 25, "guidance_scale": guidance_scale})
     for s in samples:
         write_frames(out / "reference" / s["key"], s["frames"])
         write_frames(out / "static_reference" / s["key"], np.repeat(s["frames"][:1], len(s["frames"]), 0))
@@ -68,6 +68,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--layers", type=int, default=embedded.TRANSFORMER["num_layers"])
     ap.add_argument("--eval-clips", type=int, default=0)
     ap.add_argument("--base-steps", type=int, default=0)
+    ap.add_argument("--train-override", action="append", default=[], help="extra train config override (repeat)")
+    ap.add_argument("--cfg", type=float, default=3.0, help="guidance scale of the evaluation (the demo's: 1.0)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path("outputs/levers") / a.name
@@ -91,7 +93,7 @@ def main(argv: list[str]) -> int:
     cfg = config.load("train", ["experiment=demo", f"output={out / 'train'}", f"model.path={model}",
                                 f"model.num_frames={a.frames}", f"data.train_shards={a.shards}/train-*.tar",
                                 f"trainer.max_steps={a.steps}", "samples.every_n_steps=0", "logger=csv",
-                                f"checkpoint_every={a.steps}", "trainer.enable_progress_bar=false"])  # fmt: skip
+                                f"checkpoint_every={a.steps}", "trainer.enable_progress_bar=false", *a.train_override])  # fmt: skip
     start = time.perf_counter()
     result = train(cfg)
     train_s = time.perf_counter() - start
@@ -109,7 +111,7 @@ def main(argv: list[str]) -> int:
            "step_s": round(step_seconds(Path(result["metrics_csv"]), skip=5), 3), "train_s": round(train_s, 1),
            "steps": a.steps, "clip_25_steps_s": round(gen_s, 2)}  # fmt: skip
     if a.eval_clips:
-        row |= evaluate(pipe, held_out(a.shards, a.eval_clips), out)
+        row |= evaluate(pipe, held_out(a.shards, a.eval_clips), out, a.cfg) | {"cfg": a.cfg, "train_override": a.train_override}
     (out / "levers.json").write_text(json.dumps(row, indent=1))
     print(json.dumps(row), flush=True)
     return 0
