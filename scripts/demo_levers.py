@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
                                 num_layers=a.layers)  # fmt: skip
     embedded.NUM_FRAMES = a.frames
     if a.vae:
-        embedded.shipped_vae = lambda: embedded.load_vae_file(a.vae)
+        embedded.shipped_vae = lambda *_: embedded.load_vae_file(a.vae)
     embedded.BASE_ASSET = out / "base.safetensors"  # never the package's asset here
     if a.base_steps and not embedded.BASE_ASSET.is_file():
         cut = [] if a.frames == 9 else [f"num_frames={a.frames}", "stride=5"]

@@ -26,7 +26,7 @@ def test_the_demo_chain_writes_its_reports_videos_and_pictures(layout, tiny_mode
     report = run(cfg)
     assert report["train_steps"] == 2 and report["held_out_clips"] == 2 and report["layout"] == layout
     trained = json.loads((out / "train" / "dynamictrl.json").read_text())
-    assert trained["num_frames"] == embedded.LAYOUTS[layout]["num_frames"]  # 9, or 17 in the demo layout
+    assert trained["num_frames"] == embedded.LAYOUTS[layout]["num_frames"]  # 9 in both layouts
     assert (embedded.default_path(layout) / "model_index.json").is_file()
     assert json.loads((out / "report.json").read_text())["trained"] == report["trained"]
     for label in ("trained", "untrained", "static_reference", "vae_ceiling"):

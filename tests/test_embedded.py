@@ -33,6 +33,18 @@ def test_the_shipped_vae_reconstructs_unseen_clips_and_their_poses():
     assert reconstruction_psnr(vae, poses) > meta["fit"]["held_out_pose_psnr"] - 1.5
 
 
+def test_the_demo_layout_takes_the_shipped_2x_time_vae_which_reconstructs_clips_better(tmp_path):
+    vae = embedded.shipped_vae("demo")
+    assert vae is not None, f"{embedded.VAE_T2_ASSET} is missing or was fitted for another architecture"
+    assert vae.config.temporal_compression_ratio == 2 and embedded.shipped_vae().config.temporal_compression_ratio == 4
+    videos = [make_video(90_000 + i, embedded.NUM_FRAMES, embedded.HEIGHT, embedded.WIDTH, 8.0) for i in range(3)]
+    frames = np.stack([v["frames"] for v in videos])
+    assert reconstruction_psnr(vae, frames) > reconstruction_psnr(embedded.shipped_vae(), frames) + 1  # 9 frames, 5 latents vs 3
+    built = embedded.build(tmp_path / "m", progress=False, layout="demo")
+    loaded = embedded.AutoencoderKLCogVideoX.from_pretrained(built / "vae")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in vae.state_dict().items())
+
+
 def test_builds_take_the_shipped_vae_unless_told_to_fit(tmp_path):
     shipped = embedded.shipped_vae().state_dict()
     built = embedded.build(tmp_path / "model", progress=False)
