@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import torch
 import webdataset as wds
 
 from dynamictrl import config
@@ -54,3 +55,29 @@ def test_a_shard_with_corrupt_samples_trains_on_and_counts_them(tiny_model, shar
     rows = list(csv.DictReader(open(result["metrics_csv"])))
     assert float(rows[-1]["data/skipped"]) == result["skipped_samples"]
     assert json.loads((tmp_path / "out" / "model.json").read_text())["transformer"] == "transformer"
+
+
+def test_the_decoded_clip_cache_decodes_each_clip_once_and_yields_the_same_batches(tmp_path, monkeypatch):
+    from dynamictrl.train import datamodule
+
+    with wds.TarWriter(str(tmp_path / "train-00000.tar")) as sink:
+        for i in range(6):
+            sink.write(clip(f"c{i:02d}", 48, 32))
+    calls = []
+    real = datamodule.decode_sample
+    monkeypatch.setattr(datamodule, "decode_sample", lambda raw: calls.append(raw["__key__"]) or real(raw))
+
+    def two_epochs(cache_mb):
+        dm = ShardDataModule(str(tmp_path), num_frames=9, batch_size=2, shuffle_buffer=4, cache_mb=cache_mb)
+        dm.setup()
+        calls.clear()
+        batches = [b for _, b in zip(range(6), dm.train_dataloader(), strict=False)]  # 3 batches an epoch
+        return batches, list(calls)
+
+    plain, plain_calls = two_epochs(0)
+    cached, cached_calls = two_epochs(10)
+    assert len(plain_calls) == 12 and sorted(cached_calls) == [f"c{i:02d}" for i in range(6)]
+    for a, b in zip(plain, cached, strict=True):
+        assert a["key"] == b["key"] and all(torch.equal(a[k], b[k]) for k in ("video", "pose", "mask"))
+    _, small_calls = two_epochs(0.2)  # room for two 48x32 clips (0.09 MB each): four decoded each epoch
+    assert len(small_calls) == 10
