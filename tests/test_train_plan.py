@@ -71,6 +71,9 @@ def test_strategies_are_classified_by_what_they_build_not_by_their_target_name()
     assert kind("deepspeed_stage_3_offload") == "zero3"
     assert kind(None) == "single" and kind(None, "cpu") == "cpu"
     assert kind({"_target_": "lightning.pytorch.strategies.SingleDeviceStrategy", "device": "cpu"}, "cpu") == "cpu"
+    for fsdp1 in ("fsdp", {"_target_": "lightning.pytorch.strategies.FSDPStrategy"}):  # Lightning's FSDP1
+        with pytest.raises(UserError, match=r"trainer.strategy=FSDPStrategy: .*not supported.* use trainer=fsdp"):
+            kind(fsdp1)
 
 
 def test_a_config_that_cannot_hold_5b_refuses_it_with_one_line_naming_a_config_that_fits():

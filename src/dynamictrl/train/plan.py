@@ -163,7 +163,7 @@ def strategy_kind(trainer: DictConfig) -> str:
     """cpu | single | ddp | fsdp | zero2 | zero3: what the trainer config's strategy object is (built
     from its `_target_`, or Lightning's registry for a name like `ddp`; nothing is set up)."""
     from hydra.utils import instantiate
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, StrategyRegistry
 
     from dynamictrl.train.strategies import FSDP2Strategy
 
@@ -174,6 +174,9 @@ def strategy_kind(trainer: DictConfig) -> str:
         strategy = StrategyRegistry.get(strategy)
     if isinstance(strategy, FSDP2Strategy):
         return "fsdp"
+    if isinstance(strategy, FSDPStrategy):  # would pass as one unsharded replica below, then fail in the build
+        raise UserError(f"trainer.strategy={type(strategy).__name__}: Lightning's FSDP1 is not supported (the build "
+                        "fills FSDP2's DTensor shards); use trainer=fsdp (dynamictrl.train.strategies.FSDP2Strategy)")  # fmt: skip
     if isinstance(strategy, DeepSpeedStrategy):  # before DDP: Lightning's DeepSpeedStrategy is a DDPStrategy
         return "zero3" if int(strategy.config["zero_optimization"]["stage"]) == 3 else "zero2"
     if isinstance(strategy, DDPStrategy):
