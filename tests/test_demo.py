@@ -61,6 +61,19 @@ def test_the_demo_chain_writes_its_reports_videos_and_pictures(layout, tiny_mode
     assert "| static_reference |" in (out / "report.md").read_text()
     assert (out / "side_by_side.mp4").stat().st_size > 0 and (out / "side_by_side.png").stat().st_size > 0
     assert "| trained |" in (out / "report.md").read_text()
+    assert report["shown_clip"] in [p.name for p in (out / "trained").iterdir()]
+    assert f"`{report['shown_clip']}`, the clip with the median" in (out / "report.md").read_text()
+
+
+def test_the_picture_shows_the_clip_with_the_median_gain_not_the_first():
+    from dynamictrl.demo import shown_clip
+
+    keys = ["a", "b", "c", "d"]
+    gains = {"figure_psnr": {"per_clip": {"a": 1.0, "b": 3.0, "c": 2.0, "d": 5.0}},
+             "psnr_star": {"per_clip": {"a": 9.0, "b": 0.0, "c": 5.0, "d": 2.0}}}  # fmt: skip
+    assert shown_clip(gains, keys) == 2  # c: the lower middle of 1, 2, 3, 5
+    assert shown_clip({"psnr_star": gains["psnr_star"]}, keys) == 3  # no figure scores: PSNR*'s median, d
+    assert shown_clip({"figure_psnr": {"gain": None, "per_clip": {}}}, keys) == 0  # nothing computed: the first
 
 
 def test_held_out_clips_take_one_clip_of_each_video_before_a_second():

@@ -92,6 +92,15 @@ ROWS = {  # the report's rows, in order
 LABELS = tuple(ROWS)
 
 
+def shown_clip(gains: dict[str, Any], keys: list[str]) -> int:
+    """Which clip the side-by-side shows: the one whose pose-swap gain (figure PSNR, else PSNR*) is the
+    median of the clips' (the lower middle one for an even count), so the picture is a typical clip,
+    not a chosen one; clip 0 when no gain was computed."""
+    per_clip = next((gains[k]["per_clip"] for k in ("figure_psnr", "psnr_star") if (gains.get(k) or {}).get("per_clip")), {})
+    ranked = sorted((g, keys.index(name)) for name, g in per_clip.items() if name in keys)
+    return ranked[(len(ranked) - 1) // 2][1] if ranked else 0
+
+
 def finite(value: Any) -> Any:
     """NaN (e.g. no keypoint found in any generated frame) as None: JSON has no NaN."""
     return None if isinstance(value, float) and value != value else value
@@ -134,7 +143,8 @@ def report_markdown(report: dict[str, Any], samples: list[dict]) -> str:
         f"with its own poses minus the score with the swapped ones, against its own ground truth, per clip: mean "
         f"over clips and 95% bootstrap interval ({pose_swap.RESAMPLES} resamples of the clips). A model that "
         f"ignores the pose gains exactly 0.\n\n{swap_table(report['pose_swap'])}\n\n"
-        f"Side by side (reference | pose | trained | swapped pose | trained, swapped poses | ground truth): "
+        f"Side by side (reference | pose | trained | swapped pose | trained, swapped poses | ground truth) of "
+        f"`{report['shown_clip']}`, the clip with the median figure-PSNR gain (not a chosen one): "
         f"`side_by_side.mp4`; every clip's frames, lossless, in `trained/`, `trained_swapped/`, `untrained/`, ...\n\n"
         f"![reference | pose | untrained | trained | swapped pose | trained, swapped poses | ground truth, every "
         f"other frame](side_by_side.png)\n"
@@ -210,7 +220,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     swaps = {label: swap_gains(model, samples, out / f"{label}_swapped", out / "reference", cfg.animate, label,
                                results[label]) for label, model in models.items()}  # fmt: skip
     print("[5/6] report")
-    s, donor = samples[0], pose_swap.swapped(samples)[0]
+    shown = shown_clip(swaps["trained"], [x["key"] for x in samples])
+    s, donor = samples[shown], pose_swap.swapped(samples)[shown]
     untrained, gen, moved = (read_frames_dir(out / label / s["key"]) for label in ("untrained", "trained", "trained_swapped"))
     donor_pose = pose_swap.fit_length(donor["pose"], len(s["pose"]))
     panel = side_by_side(s["frames"][0], s["pose"], gen, donor_pose, moved, s["frames"])
@@ -224,7 +235,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     report |= {"rows": ROWS | {"untrained": untrained_row(base)}, "layout": cfg.get("layout", "tiny"),
                "protocol": results["trained"]["protocol"], "reference_frame": reference_rule(FIRST),
                "held_out_clips": len(samples), "train_steps": trained["steps"],
-               "pose_swap": swaps, "seconds": time.perf_counter() - start,
+               "pose_swap": swaps, "shown_clip": s["key"], "seconds": time.perf_counter() - start,
                "learned": bool(t["psnr_star"] > u["psnr_star"] and t["l1"] < u["l1"]),
                "beats_static_reference": bool(t["psnr_star"] > static["psnr_star"] and t["figure_psnr"] > static["figure_psnr"]),
                "psnr_star_over_static": t["psnr_star"] - static["psnr_star"],
