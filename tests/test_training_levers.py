@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dynamictrl.errors import UserError
-from dynamictrl.train.module import DynamiCtrlModule, draw_timesteps
+from dynamictrl.train.module import DynamiCtrlModule, draw_timesteps, latent_mask
 from test_train import module_and_batch
 
 
@@ -69,7 +69,43 @@ def test_one_group_by_default(tiny_model, shards, tmp_path):
 
 @pytest.mark.parametrize("kwargs, says", [({"timesteps": "cosine"}, "module.timesteps=cosine"),
                                           ({"timestep_std": 0.0}, "module.timestep_std=0.0"),
-                                          ({"base_lr_scale": -1.0}, "module.base_lr_scale=-1.0")])  # fmt: skip
+                                          ({"base_lr_scale": -1.0}, "module.base_lr_scale=-1.0"),
+                                          ({"figure_weight": -0.5}, "module.figure_weight=-0.5")])  # fmt: skip
 def test_bad_lever_values_are_named(kwargs, says):
     with pytest.raises(UserError, match=says.replace(".", r"\.")):
         DynamiCtrlModule("unused", optimizer=partial(torch.optim.AdamW, lr=1e-3), **kwargs)
+
+
+def test_latent_mask_marks_the_latent_positions_a_person_pixel_falls_in():
+    mask = torch.zeros(1, 9, 96, 64, dtype=torch.bool)
+    mask[0, 3, 10, 5] = True  # frame 3 -> latent frame 1 + (3 - 1) // 2 = 2 (2x time), pixel -> (10 // 4, 5 // 4)
+    mask[0, 0, 95, 63] = True  # frame 0 is latent frame 0 alone
+    m = latent_mask(mask, (5, 24, 16))
+    assert m.shape == (1, 5, 24, 16) and m.sum() == 2
+    assert m[0, 2, 2, 1] == 1 and m[0, 0, 23, 15] == 1
+    m4 = latent_mask(mask, (3, 24, 16))  # 4x time: frames 1-4 -> latent frame 1
+    assert m4[0, 1, 2, 1] == 1 and m4.sum() == 2
+    with pytest.raises(ValueError, match="do not map onto a latent grid"):
+        latent_mask(mask, (4, 24, 16))
+
+
+def test_figure_weight_weighs_the_figure_s_positions_up_and_nothing_else(tiny_model, shards, tmp_path):
+    module, batch = module_and_batch(tiny_model, shards, tmp_path, "module.figure_weight=4.0", "module.ref_drop=0")
+
+    def loss(mask):
+        return module.loss(batch | {"mask": mask}, generator=torch.Generator().manual_seed(0))
+
+    none, everywhere = torch.zeros_like(batch["mask"], dtype=torch.bool), torch.ones_like(batch["mask"], dtype=torch.bool)
+    module.hparams.figure_weight = 0.0
+    plain = loss(batch["mask"])
+    module.hparams.figure_weight = 4.0
+    # Equal weights everywhere (no person, or a person everywhere) normalise to the plain loss.
+    assert torch.allclose(loss(none), plain) and torch.allclose(loss(everywhere), plain)
+    left = none.clone()
+    left[..., : left.shape[-1] // 2] = True
+    right = ~left
+    # The weighted loss is the mix of the plain loss's two halves: a half weighed up pulls it its way.
+    l, r = loss(left), loss(right)
+    assert not torch.allclose(l, r) and min(l, r) < plain < max(l, r)
+    with pytest.raises(UserError, match="module.figure_weight=4.0 needs the clips' person masks"):
+        module.loss({k: v for k, v in batch.items() if k != "mask"}, generator=torch.Generator().manual_seed(0))

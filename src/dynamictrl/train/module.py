@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dynamictrl.errors import UserError
 from dynamictrl.models import latents as Z
@@ -88,6 +89,19 @@ def draw_timesteps(n: int, num_train_timesteps: int, sampling: str, mean: float,
         return torch.randint(0, num_train_timesteps, (n,), generator=generator)
     u = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
     return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Person masks (B, T, H, W) -> (B, F, h, w) floats at the latent grid `size` = (F, h, w): 1 where the
+    person covers any pixel of a latent position. Latent frame 0 is frame 0 alone, latent frame k
+    the next (T - 1) / (F - 1) frames, as the CogVideoX VAE's causal time compression groups them."""
+    b, t, hh, ww = mask.shape
+    f, h, w = size
+    if f < 1 or (t - 1) % max(f - 1, 1) or hh % h or ww % w or (f == 1) != (t == 1):
+        raise ValueError(f"masks of {t} frames at {hh}x{ww} do not map onto a latent grid of {f} frames at {h}x{w}")
+    m = mask.float()
+    frames = [m[:, :1]] + ([m[:, 1:].reshape(b, f - 1, (t - 1) // (f - 1), hh, ww).amax(2)] if f > 1 else [])
+    return F.max_pool2d(torch.cat(frames, 1), (hh // h, ww // w))
 
 
 def check_resume_keys(expected: list[str], saved: Any) -> None:
@@ -175,6 +189,10 @@ class DynamiCtrlModule(L.LightningModule):
             steps, where the layout, and so the pose, decides the prediction).
         base_lr_scale: learning rate of the weights the base checkpoint has, relative to optimizer.lr;
             the pose branch (`new_modules`) keeps optimizer.lr. 1.0: one group, as the official recipe.
+        figure_weight: extra loss weight of the latent positions the person covers (the clip's masks,
+            `latent_mask`): each position weighs 1 + figure_weight inside the figure and 1 outside,
+            normalised per clip so the loss keeps its scale. 0: every position alike (the official
+            recipe). Needs the masks: raw shards, not precomputed ones.
 
     Nothing is loaded in the constructor: `configure_model` (called by the Trainer under the strategy's
     contexts, or directly outside a Trainer) builds the transformer on the meta device, adds the LoRA
@@ -209,6 +227,7 @@ class DynamiCtrlModule(L.LightningModule):
         timestep_mean: float = 0.0,
         timestep_std: float = 1.0,
         base_lr_scale: float = 1.0,
+        figure_weight: float = 0.0,
     ):
         super().__init__()
         if weights not in ("pretrained", "random"):
@@ -219,6 +238,8 @@ class DynamiCtrlModule(L.LightningModule):
             raise UserError(f"module.timestep_std={timestep_std}: must be positive")
         if not base_lr_scale >= 0:
             raise UserError(f"module.base_lr_scale={base_lr_scale}: must be 0 or more")
+        if not figure_weight >= 0:
+            raise UserError(f"module.figure_weight={figure_weight}: must be 0 or more")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         if reference_scaling not in (None, *Z.REFERENCE_SCALINGS):
@@ -414,8 +435,14 @@ class DynamiCtrlModule(L.LightningModule):
         x0 = sched.get_velocity(v, noisy, t)
         alpha_bar = sched.alphas_cumprod.to(device, torch.float32)[t]  # float64 in the scheduler
         weight = (1 / (1 - alpha_bar)).view(b, 1, 1, 1, 1)
-        err = (weight * (self.codec.unpad(x0, n_lat) - target) ** 2).mean(dim=(1, 2, 3, 4))
-        return err.mean()
+        se = weight * (self.codec.unpad(x0, n_lat) - target) ** 2  # (B, F, C, h, w)
+        if hp.figure_weight:
+            if "mask" not in batch:
+                raise UserError(f"module.figure_weight={hp.figure_weight} needs the clips' person masks, which "
+                                "precomputed shards do not carry: train from the raw shards or set it to 0")  # fmt: skip
+            w = 1 + hp.figure_weight * latent_mask(batch["mask"], target.shape[1:2] + target.shape[3:])  # (B, F, h, w)
+            return ((se.mean(2) * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))).mean()
+        return se.mean(dim=(1, 2, 3, 4)).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         accumulate = self.trainer.accumulate_grad_batches
