@@ -62,6 +62,10 @@ def test_the_demo_chain_writes_its_reports_videos_and_pictures(layout, tiny_mode
     assert (out / "side_by_side.mp4").stat().st_size > 0 and (out / "side_by_side.png").stat().st_size > 0
     assert "| trained |" in (out / "report.md").read_text()
     assert report["shown_clip"] in [p.name for p in (out / "trained").iterdir()]
+    shift = report["pose_shift"]["trained"]
+    assert shift["clips"] == 2 and shift["ci95"][0] <= shift["gain"] <= shift["ci95"][1]
+    assert (out / "shift.png").stat().st_size > 0 and "## Pose shift" in (out / "report.md").read_text()
+    assert len(list((out / "trained_shifted" / "dx+8").iterdir())) == 2
     assert f"`{report['shown_clip']}`, the clip with the median" in (out / "report.md").read_text()
 
 

@@ -2,9 +2,10 @@
 
 1. synthetic clips in TikTok layout -> 2. shards -> 3. the embedded tiny model -> 4. training ->
 5. animation of held-out clips by the trained and the untrained model, each clip once with its own
-poses and once with another clip's (the pose swap, `eval/pose_swap.py`) -> 6. evaluation of both
+poses and once with another clip's (the pose swap, `eval/pose_swap.py`); the trained model's clips
+again with their own poses moved sideways (the pose shift, `eval/pose_shift.py`) -> 6. evaluation of both
 and of two baselines, over the frames after the reference (frame 0 is given, not generated), whole
-frame and inside the figure's region -> 7. report.json, report.md and a side-by-side video.
+frame and inside the figure's region -> 7. report.json, report.md, a side-by-side video and pictures.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dynamictrl import config
 from dynamictrl.animate.run import load_pipeline, side_by_side
 from dynamictrl.data.demo_data import make_demo_data
 from dynamictrl.data.shards import decode_sample, list_shards
-from dynamictrl.eval import pose_swap
+from dynamictrl.eval import pose_shift, pose_swap
 from dynamictrl.eval.run import reference_rule, score, write_report
 from dynamictrl.models import embedded
 from dynamictrl.utils.video import read_frames_dir, write_frames, write_video
@@ -51,15 +52,16 @@ def spread_over_videos(samples: list[dict[str, Any]], limit: int) -> list[dict[s
 
 
 def generate_all(model, samples: list[dict], folder: Path, cfg: DictConfig, label: str,
-                 prompt: str | None = None, swap: bool = False) -> None:  # fmt: skip
+                 prompt: str | None = None, swap: bool = False, poses: list[np.ndarray] | None = None) -> None:  # fmt: skip
     """Animate each held-out clip from its first frame and its poses; `prompt` replaces the captions.
-    `swap`: each clip driven by another clip's poses instead (`pose_swap.donors`), all else the same.
+    `swap`: each clip driven by another clip's poses instead (`pose_swap.donors`), all else the same;
+    `poses`: each clip driven by these instead (one per clip).
     `model`: a pipeline folder, or a loaded pipeline. Frames go to FOLDER/KEY/%05d.png, lossless: H.264
     is not bit-reproducible here (NOTES), and scores (the pose swap's differences above all) must
     not move with the encoder."""
     pipe = load_pipeline(model) if model is None or isinstance(model, str | Path) else model
     pipe.set_progress_bar_config(disable=True)
-    drivers = pose_swap.swapped([s["pose"] for s in samples]) if swap else [s["pose"] for s in samples]
+    drivers = poses or (pose_swap.swapped([s["pose"] for s in samples]) if swap else [s["pose"] for s in samples])
     for s, pose in tqdm(list(zip(samples, drivers, strict=True)), desc=f"animate held-out clips ({label})"):
         g = torch.Generator().manual_seed(cfg.seed)
         frames = pipe(s["frames"][0], pose_swap.fit_length(pose, len(s["pose"])),
@@ -81,6 +83,31 @@ def swap_gains(model, samples: list[dict], folder: Path, reference: Path, cfg: D
     generate_all(model, samples, folder, cfg, f"{label}, swapped poses", prompt=prompt, swap=True)
     swapped = score(folder, reference, progress=False, first=FIRST, masks=masks_of(samples))
     return pose_swap.gains(own["per_video"], swapped["per_video"])
+
+
+def shift_follow(model, samples: list[dict], folder: Path, cfg: DictConfig, own: Path) -> dict[str, Any]:
+    """The pose-shift test (`eval/pose_shift.py`) of a model whose own-pose clips are under `own`: every
+    clip again with its poses moved by each of `pose_shift.SHIFTS` (frames to FOLDER/dx+8/KEY, ...),
+    scored against the moved ground truth; the follow score per clip (mean over the shifts) and over clips."""
+    pipe = load_pipeline(model) if isinstance(model, str | Path) else model
+    scores: dict[str, list[float]] = {s["key"]: [] for s in samples}
+    for dx in pose_shift.SHIFTS:
+        generate_all(pipe, samples, folder / f"dx{dx:+d}", cfg, f"shifted poses, {dx:+d} px",
+                     poses=[pose_swap.fit_length(pose_shift.shift(s["pose"], dx), len(s["pose"])) for s in samples])  # fmt: skip
+        for s in samples:
+            moved, mine = (read_frames_dir(f / s["key"]) for f in (folder / f"dx{dx:+d}", own))
+            scores[s["key"]].append(pose_shift.follow(mine, moved, s["frames"], s["mask"], dx))
+    return pose_shift.summary({k: float(np.mean(v)) for k, v in scores.items()})
+
+
+def shift_sheet(s: dict, folder: Path, own: Path) -> np.ndarray:
+    """The shown clip with its poses moved left, its own, moved right: pose | generated for each, frames
+    0, 2, 4, ... top to bottom."""
+    cols = []
+    for dx in (pose_shift.SHIFTS[0], 0, pose_shift.SHIFTS[-1]):
+        cols += [pose_shift.shift(s["pose"], dx), read_frames_dir((folder / f"dx{dx:+d}" if dx else own) / s["key"])]
+    panel = side_by_side(*cols)
+    return np.concatenate([panel[i] for i in range(0, len(panel), 2)], axis=0)
 
 
 ROWS = {  # the report's rows, in order
@@ -121,6 +148,8 @@ def swap_table(swaps: dict[str, dict]) -> str:
 
 
 def report_markdown(report: dict[str, Any], samples: list[dict]) -> str:
+    shift = report["pose_shift"]["trained"]
+    follow = "n/a" if shift["gain"] is None else f"{shift['gain']:+.2f} [{shift['ci95'][0]:.2f}, {shift['ci95'][1]:.2f}]"
     rows = "\n".join(
         f"| {label} | {r['l1']:.3e} | {r['ssim']:.3f} | {r['psnr']:.2f} | {r['psnr_star']:.2f} | "
         f"{_f(r['figure_psnr'], '.2f')} | {_f(r['figure_ssim'], '.3f')} | "
@@ -147,7 +176,16 @@ def report_markdown(report: dict[str, Any], samples: list[dict]) -> str:
         f"`{report['shown_clip']}`, the clip with the median figure-PSNR gain (not a chosen one): "
         f"`side_by_side.mp4`; every clip's frames, lossless, in `trained/`, `trained_swapped/`, `untrained/`, ...\n\n"
         f"![reference | pose | untrained | trained | swapped pose | trained, swapped poses | ground truth, every "
-        f"other frame](side_by_side.png)\n"
+        f"other frame](side_by_side.png)\n\n"
+        f"## Pose shift\n\nEach held-out clip animated again by the trained model from the same reference frame, "
+        f"prompt and seed, its own poses moved sideways from frame 1 on (by {' and '.join(f'{d:+d}' for d in shift['shifts'])} "
+        f"pixels of {samples[0]['frames'].shape[2]}); scored against the ground truth moved the same way, inside the moved "
+        f"figure: figure PSNR with the moved poses minus figure PSNR with its own poses (`eval/pose_shift.py`). "
+        f"A model that ignores the pose scores exactly 0; one that moves the figure with the pose scores above 0.\n\n"
+        f"| | follow (dB, 95% interval) | clips above 0 |\n|---|---|---|\n"
+        f"| trained | {follow} | {sum(v > 0 for v in shift['per_clip'].values())} of {shift['clips']} |\n\n"
+        f"![pose moved left | trained | own pose | trained | pose moved right | trained, every other frame of "
+        f"`{report['shown_clip']}`](shift.png)\n"
     )
 
 
@@ -219,6 +257,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write_report(results[label], out / "eval" / label, title=f"Demo: {label} on held-out clips")
     swaps = {label: swap_gains(model, samples, out / f"{label}_swapped", out / "reference", cfg.animate, label,
                                results[label]) for label, model in models.items()}  # fmt: skip
+    follows = shift_follow(out / "train", samples, out / "trained_shifted", cfg.animate, out / "trained")
     print("[5/6] report")
     shown = shown_clip(swaps["trained"], [x["key"] for x in samples])
     s, donor = samples[shown], pose_swap.swapped(samples)[shown]
@@ -228,14 +267,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     side = write_video(out / "side_by_side.mp4", panel, s["meta"]["fps"])
     sheet = np.concatenate([side_by_side(s["frames"][0], s["pose"], untrained, gen, donor_pose, moved, s["frames"])[i]
                             for i in range(0, len(gen), 2)], axis=0)  # fmt: skip
-    Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(out / "side_by_side.png")
+    for picture, name in ((sheet, "side_by_side.png"), (shift_sheet(s, out / "trained_shifted", out / "trained"), "shift.png")):
+        Image.fromarray(picture).resize((picture.shape[1] * 2, picture.shape[0] * 2), Image.NEAREST).save(out / name)
     keys = ("l1", "ssim", "psnr", "psnr_star", "figure_psnr", "figure_ssim", "pose_pck", "pose_mean_distance")
     report = {label: {k: finite(results[label][k]) for k in keys} for label in results}
     t, u, static = report["trained"], report["untrained"], report["static_reference"]
     report |= {"rows": ROWS | {"untrained": untrained_row(base)}, "layout": cfg.get("layout", "tiny"),
                "protocol": results["trained"]["protocol"], "reference_frame": reference_rule(FIRST),
                "held_out_clips": len(samples), "train_steps": trained["steps"],
-               "pose_swap": swaps, "shown_clip": s["key"], "seconds": time.perf_counter() - start,
+               "pose_swap": swaps, "pose_shift": {"trained": follows}, "shown_clip": s["key"], "seconds": time.perf_counter() - start,
                "learned": bool(t["psnr_star"] > u["psnr_star"] and t["l1"] < u["l1"]),
                "beats_static_reference": bool(t["psnr_star"] > static["psnr_star"] and t["figure_psnr"] > static["figure_psnr"]),
                "psnr_star_over_static": t["psnr_star"] - static["psnr_star"],
@@ -250,6 +290,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               f"figure PSNR {_f(r['figure_psnr'], '.2f')}  figure SSIM {_f(r['figure_ssim'], '.3f')}")  # fmt: skip
     for label, g in swaps.items():
         print(f"  pose-swap gain, {label}: {pose_swap.describe(g)}")
+    print(f"  pose-shift follow, trained: {_f(follows['gain'], '+.2f')} dB {follows['ci95']}")
     print(f"  trained pose PCK over the static reference's: {_f(report['pck_over_static'], '.2f')}x")
     print(f"  shards      {shards}\n  checkpoint  {trained['last_ckpt']}\n  frames      {out}/trained, {out}/trained_swapped, {out}/untrained\n"
           f"  side by side {side}\n  report      {out}/report.md, {out}/report.json")
