@@ -60,6 +60,7 @@ def test_the_demo_shift_path_scores_zero_for_a_blind_pipeline_and_clearly_above_
     assert sorted(r["per_clip"]) == sorted(s["key"] for s in clips)
     if follows:
         assert r["gain"] > 3 and r["ci95"][0] > 0
+        assert pose_shift.describe(r).endswith(f"above 0 on {len(clips)} of {len(clips)} clips")
     else:  # same reference, prompt and seed: the same frames, wherever the pose is
         assert r["gain"] == 0 and r["ci95"] == [0.0, 0.0]
     sheet = shift_sheet(clips[0], tmp_path / "shifted", tmp_path / "own")

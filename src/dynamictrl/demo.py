@@ -290,7 +290,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               f"figure PSNR {_f(r['figure_psnr'], '.2f')}  figure SSIM {_f(r['figure_ssim'], '.3f')}")  # fmt: skip
     for label, g in swaps.items():
         print(f"  pose-swap gain, {label}: {pose_swap.describe(g)}")
-    print(f"  pose-shift follow, trained: {_f(follows['gain'], '+.2f')} dB {follows['ci95']}")
+    print(f"  pose-shift follow, trained: {pose_shift.describe(follows)}")
     print(f"  trained pose PCK over the static reference's: {_f(report['pck_over_static'], '.2f')}x")
     print(f"  shards      {shards}\n  checkpoint  {trained['last_ckpt']}\n  frames      {out}/trained, {out}/trained_swapped, {out}/untrained\n"
           f"  side by side {side}\n  report      {out}/report.md, {out}/report.json")

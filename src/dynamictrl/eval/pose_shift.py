@@ -61,3 +61,11 @@ def summary(per_clip: dict[str, float], shifts: tuple[int, ...] = SHIFTS) -> dic
     values = np.array(list(finite.values()))
     return {"shifts": list(shifts), "gain": float(values.mean()), "ci95": list(bootstrap_ci(values)),
             "clips": len(values), "per_clip": finite}  # fmt: skip
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line: `+2.59 dB [2.13, 3.11], above 0 on 12 of 12 clips` (n/a: not computed)."""
+    if result["gain"] is None:
+        return "n/a"
+    above = sum(v > 0 for v in result["per_clip"].values())
+    return f"{result['gain']:+.2f} dB [{result['ci95'][0]:.2f}, {result['ci95'][1]:.2f}], above 0 on {above} of {result['clips']} clips"
