@@ -45,6 +45,23 @@ def shards(raw_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def clips(shards) -> list[dict]:
+    """Three decoded clips of different videos of `shards` (different figures, backgrounds and motion):
+    the pose swap's and the pose shift's tests."""
+    import webdataset as wds
+
+    from dynamictrl.data.shards import decode_sample, list_shards
+
+    urls = list_shards(str(Path(shards) / "*.tar"))
+    samples = [decode_sample(s) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    by_video: dict[str, dict] = {}
+    for s in samples:
+        by_video.setdefault(s["key"].rsplit("-", 1)[0], s)
+    assert len(by_video) >= 3
+    return list(by_video.values())[:3]
+
+
 @pytest.fixture(scope="session")
 def precomputed(tiny_model, shards, tmp_path_factory) -> Path:
     """The shards precomputed with the tiny model (latents, T5 embeddings, empty_text.npy)."""

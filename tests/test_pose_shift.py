@@ -1,15 +1,16 @@
 """The pose-shift test: the measure on arrays, and through the demo's generation path with stub
 pipelines that ignore the pose and that follow it."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from types import SimpleNamespace
 
 from dynamictrl.demo import generate_all, shift_follow, shift_sheet
 from dynamictrl.eval import pose_shift
-from test_pose_swap import PoseBlind, clips  # noqa: F401 (clips: the fixture)
+from test_pose_swap import PoseBlind
 
 
 def test_shift_moves_frames_after_the_first_and_fills_with_zero():

@@ -7,10 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from omegaconf import OmegaConf
 
-from dynamictrl.data.shards import decode_sample, list_shards
 from dynamictrl.demo import FIRST, generate_all, masks_of, swap_gains
 from dynamictrl.eval import pose_swap
 from dynamictrl.eval.metrics import figure_metrics, figure_region
@@ -94,18 +92,6 @@ def test_score_leaves_out_the_reference_frame_and_adds_figure_scores(tmp_path):
     assert after["psnr_star"] < all_frames["psnr_star"] == float("inf")  # frame 0 (exact) carried the mean
     assert after["per_video"]["clip"]["per_frame"]["psnr_star"] == all_frames["per_video"]["clip"]["per_frame"]["psnr_star"][1:]
     assert after["figure_psnr"] < after["psnr_star"] and "figure_psnr" not in all_frames
-
-
-@pytest.fixture(scope="module")
-def clips(shards) -> list[dict]:
-    """Three clips of different videos (different figures, backgrounds and motion)."""
-    urls = list_shards(str(Path(shards) / "*.tar"))
-    samples = [decode_sample(s) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
-    by_video = {}
-    for s in samples:
-        by_video.setdefault(s["key"].rsplit("-", 1)[0], s)
-    assert len(by_video) >= 3
-    return list(by_video.values())[:3]
 
 
 def _swap_scores(clips, own_frames, swapped_frames, tmp_path: Path) -> dict:

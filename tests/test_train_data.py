@@ -4,11 +4,13 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 import webdataset as wds
 
 from dynamictrl import config
 from dynamictrl.data.shards import encode_sample
+from dynamictrl.errors import UserError
 from dynamictrl.pose.layout import NUM_KEYPOINTS
 from dynamictrl.train.datamodule import ShardDataModule
 from dynamictrl.train.run import run
@@ -81,3 +83,8 @@ def test_the_decoded_clip_cache_decodes_each_clip_once_and_yields_the_same_batch
         assert a["key"] == b["key"] and all(torch.equal(a[k], b[k]) for k in ("video", "pose", "mask"))
     _, small_calls = two_epochs(0.2)  # room for two 48x32 clips (0.09 MB each): four decoded each epoch
     assert len(small_calls) == 10
+
+
+def test_a_negative_cache_budget_is_named():
+    with pytest.raises(UserError, match=r"data\.cache_mb=-1: must be 0 \(off\) or more"):
+        ShardDataModule("unused", num_frames=9, cache_mb=-1)

@@ -35,7 +35,7 @@ def test_the_loss_draws_its_timesteps_as_the_module_says(tiny_model, shards, tmp
         module, batch = module_and_batch(tiny_model, shards, tmp_path / name, *extra)
         add_noise = module.pipe.scheduler.add_noise
         seen = []
-        module.pipe.scheduler.add_noise = lambda x, n, t: seen.append(t) or add_noise(x, n, t)
+        module.pipe.scheduler.add_noise = lambda x, n, t, seen=seen, add_noise=add_noise: seen.append(t) or add_noise(x, n, t)
         for i in range(4):
             module.loss(batch, generator=torch.Generator().manual_seed(i))
         drawn[name] = torch.cat(seen)
@@ -105,7 +105,7 @@ def test_figure_weight_weighs_the_figure_s_positions_up_and_nothing_else(tiny_mo
     left[..., : left.shape[-1] // 2] = True
     right = ~left
     # The weighted loss is the mix of the plain loss's two halves: a half weighed up pulls it its way.
-    l, r = loss(left), loss(right)
-    assert not torch.allclose(l, r) and min(l, r) < plain < max(l, r)
+    to_left, to_right = loss(left), loss(right)
+    assert not torch.allclose(to_left, to_right) and min(to_left, to_right) < plain < max(to_left, to_right)
     with pytest.raises(UserError, match="module.figure_weight=4.0 needs the clips' person masks"):
         module.loss({k: v for k, v in batch.items() if k != "mask"}, generator=torch.Generator().manual_seed(0))
