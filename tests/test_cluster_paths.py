@@ -2,6 +2,7 @@
 contract, ZeRO-3 construction and strict loading, one rank-0 notion under srun, FSDP2 CPU offload, the
 RoPE and the pose stream in their dtypes. `make rehearse` (tests/test_rehearse.py) runs them end to end."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -122,7 +123,11 @@ def test_srun_tasks_take_rank_zeros_wandb_run_id(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "1")
     monkeypatch.setenv("SLURM_LOCALID", "0")  # task 1 is the first task of its node
     path = tmp_path / "wandb-run-id.txt"
-    threading.Timer(1.0, lambda: path.write_text("rank0sid")).start()  # rank 0, a moment later
+    def rank0_writes():  # a moment later, as rank 0 writes it: whole or not at all (wandb_resume)
+        path.with_name("tmp").write_text("rank0sid")
+        os.replace(path.with_name("tmp"), path)
+
+    threading.Timer(1.0, rank0_writes).start()
     start = time.monotonic()
     assert wandb_resume(logger, tmp_path) == {"id": "rank0sid", "resume": "allow"}
     assert time.monotonic() - start >= 0.9  # task 1 waited for rank 0 instead of writing its own id

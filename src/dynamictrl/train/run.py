@@ -91,6 +91,18 @@ def wait_for(path: Path, what: str, timeout: float = 300.0) -> None:
         time.sleep(0.2)
 
 
+def release_process_group() -> None:
+    """Wait for every rank, then tear the process group down. Left to the interpreter's exit, a gloo
+    group can abort a rank after a finished run ("terminate called without an active exception",
+    SIGABRT), and the launcher then fails the job although its work is done (seen once in make
+    rehearse's fsdp resume)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def finish_wandb(loggers: list) -> None:
     """Close the wandb run of this training. Lightning leaves it open, and the next training in the same
     process (make ablation, the demo, tests) would then log into it instead of a run of its own."""
@@ -238,6 +250,7 @@ def run(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
     if not cfg.get("final_save", True):  # the GPU check: a 5B checkpoint would not fit its disk
         if trainer.is_global_zero:
             merge_metrics(metrics, previous)
+        release_process_group()
         return {"output": str(out), "metrics_csv": str(metrics), "steps": trainer.global_step, "wandb_id": wandb_id}
     ckpt.save(trainer)  # step-N.ckpt (unless this step's is there) and last.ckpt pointing at it
     saved = last.resolve()
@@ -251,6 +264,7 @@ def run(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, Any]:
         (out / "dynamictrl.json").write_text(json.dumps(export_settings(module, datamodule, base), indent=1))
         print(f"train: {trainer.global_step} steps -> {out}/metrics.csv, {last}, {folder} "
               f"({datamodule.skipped} corrupt samples skipped)")  # fmt: skip
+    release_process_group()
     return {"output": str(out), "metrics_csv": str(metrics), "last_ckpt": str(last), "wandb_id": wandb_id,
             kind: str(folder), "steps": trainer.global_step, "skipped_samples": datamodule.skipped,
             "samples": [str(p) for c in callbacks if isinstance(c, SampleVideo) for p in c.written]}  # fmt: skip
